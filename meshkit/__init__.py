@@ -1,0 +1,1 @@
+from .errors import MeshkitError, StatusCode  # noqa: F401
