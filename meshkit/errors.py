@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 
-class StatusCode(str, enum.Enum):
+class StatusCode(enum.StrEnum):
     """Status of an RPC, as seen by the caller."""
 
     OK = "OK"

@@ -37,7 +37,9 @@ class Endpoint:
         host = host.strip("[]")
         number = int(port)
         if not 0 < number < 65536:
-            raise InvalidArgument(f"expected a port between 1 and 65535, found {number} in {address!r}")
+            raise InvalidArgument(
+                f"expected a port between 1 and 65535, found {number} in {address!r}"
+            )
         return cls(host, number, instance_id=f"{host}:{number}")
 
 
@@ -60,7 +62,9 @@ class StaticResolver:
     """A fixed list of addresses (``addr=`` on the client, tests, legacy peers)."""
 
     def __init__(self, endpoints: Sequence[Endpoint | str]) -> None:
-        self._endpoints = tuple(e if isinstance(e, Endpoint) else Endpoint.parse(e) for e in endpoints)
+        self._endpoints = tuple(
+            e if isinstance(e, Endpoint) else Endpoint.parse(e) for e in endpoints
+        )
         if not self._endpoints:
             raise InvalidArgument("expected at least one address, found none")
 

@@ -1,0 +1,54 @@
+"""One structured log line per call (debug level): method, peer, duration, status."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import structlog
+
+from .context import CallContext
+from .metrics import status_label
+from .pipeline import Next
+
+
+class AccessLog:
+    """Log each call at debug level; costs one level check when debug is off."""
+
+    name = "accesslog"
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+        self.log = structlog.get_logger(f"meshkit.rpc.{side}")
+
+    def _enabled(self) -> bool:
+        # Unconfigured structlog prints everything: stay quiet until logging is set up.
+        if not structlog.is_configured():
+            return False
+        is_enabled = getattr(self.log, "is_enabled_for", None)
+        return bool(is_enabled(logging.DEBUG)) if is_enabled is not None else True
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        if not self._enabled():
+            return await call_next(ctx)
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await call_next(ctx)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.log.debug(
+                "rpc",
+                side=self.side,
+                service=ctx.service,
+                method=ctx.method,
+                peer=ctx.peer,
+                caller=ctx.caller or None,
+                attempt=ctx.attempt,
+                duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                status=status_label(error, ctx),
+                error=str(error) if error is not None else None,
+            )

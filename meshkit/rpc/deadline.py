@@ -1,0 +1,139 @@
+"""Deadlines: per-call budgets that travel as ``meshkit-timeout-ms``.
+
+The budget on the wire is *relative* (milliseconds left), so caller and callee
+clocks need not agree. Inside a process the deadline is absolute on
+``time.monotonic()`` and lives in a context variable: a server handler's nested
+calls inherit what is left of its budget without passing anything by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from ..errors import DeadlineExceeded
+from .context import TIMEOUT_KEY, CallContext
+from .pipeline import Next
+
+_deadline: ContextVar[float | None] = ContextVar("meshkit_deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    """The absolute deadline (``time.monotonic()`` clock) of the call in progress, if any."""
+    return _deadline.get()
+
+
+def remaining() -> float | None:
+    """Seconds left in the current call's budget, or ``None`` when unbounded."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+@contextlib.contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[None]:
+    """Run a block under ``deadline`` (tightening, never loosening, the current one)."""
+    current = _deadline.get()
+    if current is not None and (deadline is None or current < deadline):
+        deadline = current
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def parse_timeout_ms(value: str | None) -> float | None:
+    """Parse a ``meshkit-timeout-ms`` header into seconds; bad values mean 'no budget sent'."""
+    if not value:
+        return None
+    try:
+        ms = int(value)
+    except ValueError:
+        return None
+    return ms / 1000.0
+
+
+class ClientDeadline:
+    """Client side: fix the call's deadline and put the remaining budget on the wire.
+
+    The deadline is the earlier of the call's own ``timeout`` and the deadline
+    inherited from the surrounding call (if this code runs inside a handler).
+    """
+
+    name = "deadline"
+
+    def __init__(self, default_timeout: float | None) -> None:
+        self.default_timeout = default_timeout
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        now = time.monotonic()
+        timeout = ctx.timeout if ctx.timeout is not None else self.default_timeout
+        deadline = None if timeout is None else now + timeout
+        inherited = _deadline.get()
+        if inherited is not None and (deadline is None or inherited < deadline):
+            deadline = inherited
+        ctx.deadline = deadline
+        if deadline is not None:
+            left = deadline - now
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"call {ctx.service}.{ctx.method} not sent: its budget was already spent "
+                    f"({-left * 1000:.1f} ms past the deadline)"
+                )
+            ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
+        return await call_next(ctx)
+
+
+class ServerDeadline:
+    """Server side: refuse spent budgets, cancel the handler when the budget runs out.
+
+    A call without a budget runs under ``default_timeout`` (``None``: unbounded).
+    """
+
+    name = "deadline"
+
+    def __init__(self, default_timeout: float | None = None) -> None:
+        self.default_timeout = default_timeout
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        budget = parse_timeout_ms(ctx.headers.get(TIMEOUT_KEY))
+        if budget is None:
+            budget = self.default_timeout
+        if budget is None:
+            return await call_next(ctx)
+        if budget <= 0:
+            raise DeadlineExceeded(
+                f"{ctx.service}.{ctx.method} refused: the caller's budget was already spent "
+                f"({TIMEOUT_KEY}={ctx.headers.get(TIMEOUT_KEY)})"
+            )
+        deadline = time.monotonic() + budget
+        ctx.deadline = deadline
+        task = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(budget, expire)
+        token = _deadline.set(deadline)
+        try:
+            return await call_next(ctx)
+        except asyncio.CancelledError:
+            if expired:
+                if task is not None:
+                    task.uncancel()
+                raise DeadlineExceeded(
+                    f"{ctx.service}.{ctx.method} cancelled: its budget of "
+                    f"{budget * 1000:.0f} ms ran out before the handler finished"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
+            _deadline.reset(token)

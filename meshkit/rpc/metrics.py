@@ -1,0 +1,118 @@
+"""Prometheus metrics for RPC, client and server side, as a middleware.
+
+Metric objects are created once per ``CollectorRegistry`` and labelled by
+service and method, so several services (and clients) share one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from ..errors import MeshkitError
+from .context import CallContext
+from .pipeline import Next
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+APP_ERROR = "APP_ERROR"  # an exception declared in the IDL
+
+
+class RpcMetrics:
+    """The RPC metric family for one side (``server`` or ``client``) in one registry."""
+
+    _lock = threading.Lock()
+    _instances: dict[tuple[int, str], RpcMetrics] = {}
+
+    def __init__(self, registry: CollectorRegistry, side: str) -> None:
+        prefix = f"meshkit_rpc_{side}"
+        who = "called service" if side == "client" else "service"
+        self.requests = Counter(
+            f"{prefix}_requests",
+            f"RPC calls by {who}, method and status code",
+            ["service", "method", "code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_latency_seconds",
+            f"RPC latency by {who} and method",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{prefix}_in_flight", f"RPC calls in flight by {who}", ["service"], registry=registry
+        )
+        self.connections = Gauge(
+            f"{prefix}_connections",
+            f"Open RPC connections by {who}",
+            ["service"],
+            registry=registry,
+        )
+
+    @classmethod
+    def get(cls, side: str, registry: CollectorRegistry | None = None) -> RpcMetrics:
+        """The shared instance for ``side`` in ``registry`` (default: the global one)."""
+        registry = REGISTRY if registry is None else registry
+        key = (id(registry), side)
+        with cls._lock:
+            metrics = cls._instances.get(key)
+            if metrics is None:
+                metrics = cls._instances[key] = cls(registry, side)
+            return metrics
+
+
+def status_label(exc: BaseException | None, ctx: CallContext) -> str:
+    if exc is None:
+        return APP_ERROR if ctx.extras.get("app_error") else "OK"
+    if isinstance(exc, MeshkitError):
+        return exc.code.value
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return APP_ERROR if ctx.extras.get("app_error") else "INTERNAL"
+
+
+class MetricsMiddleware:
+    """Count calls, observe latency and track in-flight calls."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: RpcMetrics, service: str | None = None) -> None:
+        self.metrics = metrics
+        self.service = service
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, str], Any] = {}
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        service = self.service or ctx.service
+        in_flight = self._in_flight.get(service)
+        if in_flight is None:
+            in_flight = self._in_flight[service] = self.metrics.in_flight.labels(service)
+        latency = self._latency.get((service, ctx.method))
+        if latency is None:
+            latency = self._latency[(service, ctx.method)] = self.metrics.latency.labels(
+                service, ctx.method
+            )
+        in_flight.inc()
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await call_next(ctx)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            latency.observe(time.perf_counter() - start)
+            in_flight.dec()
+            key = (service, ctx.method, status_label(error, ctx))
+            counter = self._requests.get(key)
+            if counter is None:
+                counter = self._requests[key] = self.metrics.requests.labels(*key)
+            counter.inc()

@@ -1,0 +1,459 @@
+"""The asyncio RPC server: THeader (and legacy framed/unframed) over ``asyncio.Protocol``.
+
+Each connection decodes frames as bytes arrive and runs every request as its own
+task, so pipelined requests on one connection are served concurrently and
+answered by seq id in completion order. Replies leave in the transport (THeader,
+framed, unframed) and protocol (binary, compact) the request came in.
+
+Bad input never takes the server down: a malformed message gets a
+``TApplicationException`` when the frame boundary is still known, and a broken
+stream (garbage, oversized frame) closes only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from thriftpy2.thrift import TApplicationException, TMessageType
+
+from ..errors import FrameError, InvalidArgument, MeshkitError, StatusCode
+from .accesslog import AccessLog
+from .codec import encode_message, read_message
+from .concurrency import ConcurrencyLimit
+from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, CallContext
+from .deadline import ServerDeadline
+from .framing import Frame, FrameDecoder, OversizedFrame, TransportType, encode_like
+from .handler import Decode, Handler, MethodTable
+from .metrics import MetricsMiddleware, RpcMetrics
+from .pipeline import Middleware, Pipeline
+from .theader import DEFAULT_LIMITS, HeaderLimits
+from .tracing import TracerHook, Tracing
+
+RECV_BUFFER_SIZE = 64 * 1024
+
+log = structlog.get_logger("meshkit.rpc.server")
+
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+# TApplicationException types; 11 and 12 are fbthrift's LOADSHEDDING and TIMEOUT.
+_APP_EXC_TYPE = {
+    StatusCode.UNIMPLEMENTED: TApplicationException.UNKNOWN_METHOD,
+    StatusCode.INVALID_ARGUMENT: TApplicationException.PROTOCOL_ERROR,
+    StatusCode.RESOURCE_EXHAUSTED: 11,
+    StatusCode.DEADLINE_EXCEEDED: 12,
+}
+
+
+def application_exception(error: MeshkitError) -> TApplicationException:
+    kind = _APP_EXC_TYPE.get(error.code, TApplicationException.INTERNAL_ERROR)
+    return TApplicationException(kind, f"[{error.code.value}] {error.message}")
+
+
+class RpcServer:
+    """Serve one Thrift service on one port.
+
+    ``middlewares`` replaces the default server chain
+    (decode → deadline → concurrency → tracing → metrics → accesslog) when given;
+    :meth:`default_middlewares` builds the defaults for you to extend.
+    """
+
+    def __init__(
+        self,
+        service: Any,
+        implementation: Any,
+        *,
+        name: str,
+        middlewares: Sequence[Middleware] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        header_limits: HeaderLimits = DEFAULT_LIMITS,
+        max_concurrency: int = 1024,
+        max_pending_per_connection: int = 1024,
+        default_timeout: float | None = None,
+        executor: Executor | None = None,
+        max_workers: int = 32,
+        tracer: TracerHook | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.table = MethodTable(service, implementation)
+        self.max_frame_size = max_frame_size
+        self.header_limits = header_limits
+        self.max_pending_per_connection = max_pending_per_connection
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix=f"meshkit-{name}"
+        )
+        self.metrics = RpcMetrics.get("server", metrics_registry)
+        if middlewares is None:
+            middlewares = self.default_middlewares(
+                max_concurrency=max_concurrency, default_timeout=default_timeout, tracer=tracer
+            )
+        self.pipeline = Pipeline(
+            middlewares, Handler(self.table, self.executor), terminal_name="handler"
+        )
+        self.connections: set[ServerConnection] = set()
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._server: asyncio.base_events.Server | None = None
+        self._connections_gauge = self.metrics.connections.labels(name)
+
+    def default_middlewares(
+        self,
+        *,
+        max_concurrency: int = 1024,
+        default_timeout: float | None = None,
+        tracer: TracerHook | None = None,
+    ) -> list[Middleware]:
+        if tracer is None:
+            from ..tracing.otel import OTelHook
+
+            tracer = OTelHook()
+        return [
+            Decode(self.table),
+            ServerDeadline(default_timeout),
+            ConcurrencyLimit(max_concurrency),
+            Tracing(tracer, "server"),
+            MetricsMiddleware(self.metrics, self.name),
+            AccessLog("server"),
+        ]
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Bind and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the server is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, answer every call already received, then close connections.
+
+        Calls that arrive on open connections while draining are still served,
+        and their replies carry a ``meshkit-goaway`` header so meshkit clients stop
+        sending there. Returns ``True`` when everything finished within ``timeout``.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.drain_if_idle()
+        finished = True
+        if self.in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                finished = False
+                log.warning(
+                    "drain timed out", service=self.name, timeout=timeout, in_flight=self.in_flight
+                )
+        await self.close()
+        return finished
+
+    async def close(self) -> None:
+        """Close at once: calls still running are cancelled."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.abort_calls()
+            conn.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- bookkeeping used by connections ----------------------------------
+
+    def _call_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _call_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+
+class ServerConnection(asyncio.BufferedProtocol):
+    """One client connection: frame decoding, request tasks, batched replies."""
+
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.decoder = FrameDecoder(
+            max_frame_size=server.max_frame_size, header_limits=server.header_limits
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closing = False
+        self._loop = asyncio.get_event_loop()
+        self._rview = memoryview(bytearray(RECV_BUFFER_SIZE))
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self.server.connections.add(self)
+        self.server._connections_gauge.inc()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server._connections_gauge.dec()
+        # The caller is gone: nobody can receive these replies.
+        for task in list(self.tasks):
+            task.cancel()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # One preallocated receive buffer: the default Protocol path allocates
+        # (and, at 256 KiB, mmaps) a fresh bytes object for every recv.
+        return self._rview
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._rview[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self._closing:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except OversizedFrame as exc:
+            self._reject_stream(exc, seqid=exc.seqid, transport_type=exc.transport)
+            return
+        except FrameError as exc:
+            self._reject_stream(exc, seqid=None, transport_type=None)
+            return
+        for frame in frames:
+            self._dispatch(frame)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -- requests ---------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        seqid = frame.seqid if frame.seqid is not None else 0
+        try:
+            reader = read_message(frame.payload, frame.protocol_id)
+        except FrameError as exc:
+            log.warning("malformed message", peer=self.peer, error=str(exc))
+            self._reply_error(frame, "", seqid, exc)
+            return
+        if frame.seqid is None:
+            seqid = reader.seqid
+        if reader.mtype not in (TMessageType.CALL, TMessageType.ONEWAY):
+            self._reply_error(
+                frame,
+                reader.name,
+                seqid,
+                InvalidArgument(f"expected a CALL or ONEWAY message, found type {reader.mtype}"),
+            )
+            return
+        spec = self.server.table.get(reader.name)
+        if spec is None:
+            self._reply_error(
+                frame, reader.name, seqid, self.server.table.unknown_method(reader.name)
+            )
+            return
+        headers = frame.headers
+        ctx = CallContext(
+            service=self.server.name,
+            method=reader.name,
+            headers=headers,
+            peer=self.peer,
+            caller=headers.get(CALLER_KEY, "") if headers else "",
+            oneway=spec.oneway,
+            raw=reader,
+        )
+        self.server._call_started()
+        task = self._loop.create_task(self._run(ctx, frame, seqid, reader.seqid))
+        self.tasks.add(task)
+        task.add_done_callback(self._call_done)
+        self._update_reading()
+
+    async def _run(self, ctx: CallContext, frame: Frame, seqid: int, msg_seqid: int) -> None:
+        try:
+            result = await self.server.pipeline(ctx)
+            if ctx.oneway:
+                return
+            try:
+                payload = encode_message(
+                    ctx.method, TMessageType.REPLY, msg_seqid, result, frame.protocol_id
+                )
+            except Exception as exc:
+                log.error(
+                    "handler returned a value that does not match the IDL",
+                    service=self.server.name,
+                    method=ctx.method,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                raise MeshkitError(
+                    f"{ctx.method} returned a value that does not match its IDL type"
+                ) from None
+        except asyncio.CancelledError:
+            return
+        except MeshkitError as exc:
+            if ctx.oneway:
+                return
+            ctx.response_headers[STATUS_KEY] = exc.code.value
+            payload = self._exception_payload(
+                ctx.method, msg_seqid, frame, application_exception(exc)
+            )
+        except TApplicationException as exc:
+            if ctx.oneway:
+                return
+            payload = self._exception_payload(ctx.method, msg_seqid, frame, exc)
+        except Exception as exc:
+            log.exception(
+                "unhandled exception in handler", service=self.server.name, method=ctx.method
+            )
+            if ctx.oneway:
+                return
+            ctx.response_headers[STATUS_KEY] = StatusCode.INTERNAL.value
+            message = (
+                f"[INTERNAL] {ctx.method} failed with an unexpected {type(exc).__name__}; "
+                "details are in the server log"
+            )
+            payload = self._exception_payload(
+                ctx.method,
+                msg_seqid,
+                frame,
+                TApplicationException(TApplicationException.INTERNAL_ERROR, message),
+            )
+        if self.server.draining:
+            ctx.response_headers[GOAWAY_KEY] = "1"
+        self._write(
+            encode_like(
+                frame.transport,
+                frame.protocol_id,
+                payload,
+                seqid=seqid,
+                headers=ctx.response_headers,
+                transforms=frame.transforms,
+            )
+        )
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.server._call_finished()
+        self._update_reading()
+        if self.server.draining:
+            self.drain_if_idle()
+
+    @staticmethod
+    def _exception_payload(
+        method: str, msg_seqid: int, frame: Frame, exc: TApplicationException
+    ) -> bytes:
+        return encode_message(method, TMessageType.EXCEPTION, msg_seqid, exc, frame.protocol_id)
+
+    def _reply_error(self, frame: Frame, method: str, seqid: int, error: MeshkitError) -> None:
+        headers = {STATUS_KEY: error.code.value}
+        payload = self._exception_payload(method, seqid, frame, application_exception(error))
+        self._write(
+            encode_like(frame.transport, frame.protocol_id, payload, seqid=seqid, headers=headers)
+        )
+
+    def _reject_stream(
+        self, error: FrameError, *, seqid: int | None, transport_type: TransportType | None
+    ) -> None:
+        """The byte stream cannot be followed any further: answer if we can, then close."""
+        log.warning("closing connection after a bad frame", peer=self.peer, error=str(error))
+        if seqid is not None and transport_type is TransportType.HEADER:
+            headers = {STATUS_KEY: error.code.value}
+            payload = encode_message(
+                "", TMessageType.EXCEPTION, seqid, application_exception(error), 0
+            )
+            self._write(encode_like(transport_type, 0, payload, seqid=seqid, headers=headers))
+            self._flush()
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- output and flow control ------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out or self.transport is None or self.transport.is_closing():
+            self._out.clear()
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self.transport.write(data)
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self._closing:
+            return
+        should_pause = self._writing_paused or (
+            len(self.tasks) >= self.server.max_pending_per_connection
+        )
+        if should_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not should_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- shutdown -----------------------------------------------------------
+
+    def drain_if_idle(self) -> None:
+        """While draining, close this connection once it has no call in progress."""
+        if not self.tasks and not self._out and self.transport is not None:
+            self._closing = True
+            self.transport.close()
+
+    def abort_calls(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self._closing = True
+            self.transport.close()

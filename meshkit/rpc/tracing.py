@@ -1,0 +1,48 @@
+"""The tracing stage: calls a tracer hook around each call.
+
+``meshkit.rpc`` knows nothing of any tracing library; ``meshkit.tracing``
+provides the OpenTelemetry hook. A hook opens a span (or anything) at the start
+of a call and closes it at the end; on the client it injects the propagation
+headers into ``ctx.headers``, on the server it extracts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .context import CallContext
+from .pipeline import Next
+
+
+class TracerHook(Protocol):
+    def start_client(self, ctx: CallContext) -> Any:
+        """Open the client span and inject propagation headers; return a handle."""
+        ...
+
+    def start_server(self, ctx: CallContext) -> Any:
+        """Extract the caller's context, open the server span and make it current."""
+        ...
+
+    def end(self, handle: Any, ctx: CallContext, error: BaseException | None) -> None:
+        """Close what ``start_*`` opened (in the same task)."""
+        ...
+
+
+class Tracing:
+    """Run a :class:`TracerHook` around the rest of the chain."""
+
+    name = "tracing"
+
+    def __init__(self, hook: TracerHook, side: str) -> None:
+        self.hook = hook
+        self._start = hook.start_client if side == "client" else hook.start_server
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        handle = self._start(ctx)
+        try:
+            result = await call_next(ctx)
+        except BaseException as exc:
+            self.hook.end(handle, ctx, exc)
+            raise
+        self.hook.end(handle, ctx, None)
+        return result

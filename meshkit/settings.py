@@ -1,0 +1,71 @@
+"""Process settings from code, ``MESHKIT_*`` environment variables and defaults.
+
+Precedence: explicit arguments > environment > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MESHKIT_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where and how a service listens and shuts down."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    health_host: str = ""
+    health_port: int = 0
+    advertise_host: str = ""
+    registry: str = ""
+    drain_timeout: float = 10.0
+    max_concurrency: int = 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``MESHKIT_HOST``, ``MESHKIT_PORT``, … then apply non-``None`` overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, raw, type(getattr(cls(), f.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        for name in ("port", "health_port"):
+            value = getattr(self, name)
+            if not 0 <= value < 65536:
+                raise ConfigError(f"expected {name} between 0 and 65535, found {value}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"expected drain_timeout ≥ 0 s, found {self.drain_timeout}")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"expected max_concurrency ≥ 1, found {self.max_concurrency}")
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise ConfigError(f"expected {env_name} to be {expected}, found {raw!r}") from None
+    return raw
