@@ -104,6 +104,7 @@ class RpcServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.base_events.Server | None = None
+        self._port: int | None = None
         self._connections_gauge = self.metrics.connections.labels(name)
 
     def default_middlewares(
@@ -134,12 +135,14 @@ class RpcServer:
         self._server = await loop.create_server(
             lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024
         )
+        self._port = int(self._server.sockets[0].getsockname()[1])
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the server is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+        """The bound port (still known after the server closed)."""
+        if self._port is None:
+            raise RuntimeError("the server has not started")
+        return self._port
 
     @property
     def serving(self) -> bool:
@@ -218,8 +221,8 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses but behave as one.
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
