@@ -339,7 +339,7 @@ async def test_loop_monitor_measures_a_blocked_loop(
             await asyncio.sleep(0.2)
             assert mon.running
             before = mon.last_beat
-            time.sleep(0.6)  # noqa: ASYNC251 - block the event loop on purpose
+            time.sleep(0.6)  # block the event loop on purpose
             await asyncio.sleep(0.2)  # let the monitor beat again
 
             assert mon.last_beat > before
