@@ -31,7 +31,9 @@ from _common import (
     err_text,
     grpc_messages,
     load_echo,
+    loop_kind,
     machine_busy_seconds,
+    pin_meshkit_loop,
     proc_cpu_seconds,
     run_loop,
 )
@@ -176,14 +178,16 @@ ASYNC_SETUPS = {
 
 
 def setup_meshkit_sync(port: int, conc: int, loop: str):
-    if loop == "uvloop":  # SyncClient runs its own loop: make it the same kind as the server's
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # SyncClient runs its own background loop; main() set MESHKIT_UVLOOP so that it is
+    # the same kind as the server's. Check, where the loop can be seen.
     from meshkit import SyncClient
 
     echo = load_echo()
     client = SyncClient(echo.Echo, "echo", addr=f"{HOST}:{port}", timeout=CALL_TIMEOUT)
+    bg_loop = getattr(getattr(client, "_runner", None), "loop", None)
+    if isinstance(bg_loop, asyncio.AbstractEventLoop) and loop_kind(bg_loop) != loop:
+        client.close()
+        raise CellFailed(f"SyncClient runs on {loop_kind(bg_loop)}, not {loop}")
     # thread-safe and multiplexed: every thread calls through the one client
     return [client.echo] * conc, client.close
 
@@ -423,6 +427,7 @@ def main() -> int:
     ap.add_argument("--report-fd", type=int, required=True)
     args = ap.parse_args()
     impl, loop = args.impl, args.loop
+    pin_meshkit_loop(loop)
     report = os.fdopen(args.report_fd, "w", buffering=1, encoding="utf-8")
     cells = [
         (int(p), int(c)) for p in args.payloads.split(",") for c in args.concurrency.split(",")

@@ -139,8 +139,26 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
         factory = None
     else:
         raise ValueError(f"unknown loop kind {loop!r}")
+
+    async def checked() -> Any:
+        running = loop_kind(asyncio.get_running_loop())
+        if loop in LOOPS and running != loop:
+            raise RuntimeError(f"wanted a {loop} loop, running on {running}")
+        return await main()
+
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
+        return runner.run(checked())
+
+
+def pin_meshkit_loop(loop: str) -> None:
+    """Make meshkit's own loops (SyncClient's background loop, Service.run()) the kind asked
+    for: meshkit picks uvloop whenever it is installed unless MESHKIT_UVLOOP=0."""
+    if loop in LOOPS:
+        os.environ["MESHKIT_UVLOOP"] = "1" if loop == "uvloop" else "0"
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def die_with_parent() -> None:

@@ -27,6 +27,7 @@ from _common import (
     free_port,
     grpc_messages,
     load_echo,
+    pin_meshkit_loop,
     run_loop,
 )
 
@@ -67,9 +68,21 @@ async def serve_meshkit(report: Report) -> None:
     svc = Service("echo", echo.Echo, version="bench", registry=None)
 
     @svc.implement
-    class Impl:
+    class Impl:  # meshkit wants every IDL method; only echo is measured
         async def echo(self, message):
             return message
+
+        async def reverse(self, message):
+            if not message:
+                raise echo.EchoError(reason="empty message")
+            return message[::-1]
+
+        async def slow(self, delay_ms):
+            await asyncio.sleep(delay_ms / 1000)
+            return delay_ms
+
+        async def ping(self):
+            return None
 
     port = free_port()
     task = asyncio.ensure_future(svc.serve(host=HOST, port=port, health_port=0))
@@ -219,6 +232,7 @@ def main() -> int:
     ap.add_argument("--report-fd", type=int, required=True)
     args = ap.parse_args()
     kind, loop = args.kind, args.loop
+    pin_meshkit_loop(loop)
     report = Reporter(args.report_fd)
     try:
         if kind == "thriftpy2_sync":
