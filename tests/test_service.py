@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ROOT, EchoImpl, echo_thrift
+from echo_support import ROOT, EchoImpl, echo_thrift
 from prometheus_client import CollectorRegistry
 
 from meshkit import Client, NoInstances, Service
@@ -111,7 +111,7 @@ SERVER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys, thriftpy2
     sys.path.insert(0, {tests!r})
-    from conftest import EchoImpl, echo_thrift
+    from echo_support import EchoImpl, echo_thrift
     from meshkit import Service
     svc = Service("drainer", echo_thrift.Echo, registry={registry!r})
     svc.implement(EchoImpl)

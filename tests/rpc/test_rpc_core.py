@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import EchoImpl, echo_thrift
+from echo_support import EchoImpl, echo_thrift
 from prometheus_client import CollectorRegistry, generate_latest
 
 from meshkit import (
