@@ -123,19 +123,25 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._seqid = (self._seqid + 1) & _SEQ_MASK
         return self._seqid
 
-    def send(self, seqid: int, frame: bytes, deadline: float | None) -> asyncio.Future[Frame]:
-        """Write one request frame and return the future of its reply frame."""
+    def send(
+        self, seqid: int, frame: bytes, deadline: float | None
+    ) -> tuple[asyncio.Future[Frame], asyncio.TimerHandle | None]:
+        """Write one request frame; return the future of its reply and its deadline timer.
+
+        The caller cancels the timer once the future is done (cheaper than a done-callback,
+        which would cost the loop one more scheduled handle per call).
+        """
         if not self.usable:
             raise ConnectionUnavailable(
                 f"connection to {self.endpoint.address} is closing", sent=False
             )
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.pending[seqid] = fut
+        timer = None
         if deadline is not None:
             timer = self._loop.call_later(deadline - time.monotonic(), self._expire, seqid)
-            fut.add_done_callback(lambda _f: timer.cancel())
         self._write(frame)
-        return fut
+        return fut, timer
 
     def send_oneway(self, frame: bytes) -> None:
         if not self.usable:

@@ -69,12 +69,15 @@ class Transport:
         if spec.oneway:
             conn.send_oneway(frame)
             return None
-        fut = conn.send(seqid, frame, ctx.deadline)
+        fut, timer = conn.send(seqid, frame, ctx.deadline)
         try:
             reply = await fut
         except asyncio.CancelledError:
             conn.forget(seqid)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         ctx.response_headers = reply.headers
         try:
             reader = read_message(reply.payload, reply.protocol_id)
