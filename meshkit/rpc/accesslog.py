@@ -18,16 +18,28 @@ class AccessLog:
 
     name = "accesslog"
 
+    # How long a decision about the log level is reused: asking structlog costs
+    # microseconds per call, and levels change rarely.
+    recheck_after = 1.0
+
     def __init__(self, side: str) -> None:
         self.side = side
         self.log = structlog.get_logger(f"meshkit.rpc.{side}")
+        self._enabled_until = 0.0
+        self._enabled_cached = False
 
     def _enabled(self) -> bool:
+        now = time.monotonic()
+        if now < self._enabled_until:
+            return self._enabled_cached
         # Unconfigured structlog prints everything: stay quiet until logging is set up.
-        if not structlog.is_configured():
-            return False
-        is_enabled = getattr(self.log, "is_enabled_for", None)
-        return bool(is_enabled(logging.DEBUG)) if is_enabled is not None else True
+        enabled = False
+        if structlog.is_configured():
+            is_enabled = getattr(self.log, "is_enabled_for", None)
+            enabled = bool(is_enabled(logging.DEBUG)) if is_enabled is not None else True
+        self._enabled_cached = enabled
+        self._enabled_until = now + self.recheck_after
+        return enabled
 
     async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
         if not self._enabled():

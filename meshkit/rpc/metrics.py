@@ -49,12 +49,22 @@ class RpcMetrics:
         self.in_flight = Gauge(
             f"{prefix}_in_flight", f"RPC calls in flight by {who}", ["service"], registry=registry
         )
+        # In-flight counts are plain ints read at scrape time: two lock round-trips
+        # per call saved on the hot path.
+        self.in_flight_counts: dict[str, int] = {}
         self.connections = Gauge(
             f"{prefix}_connections",
             f"Open RPC connections by {who}",
             ["service"],
             registry=registry,
         )
+
+    def track_in_flight(self, service: str) -> None:
+        """Expose ``in_flight_counts[service]`` as the in-flight gauge of ``service``."""
+        if service not in self.in_flight_counts:
+            self.in_flight_counts[service] = 0
+            counts = self.in_flight_counts
+            self.in_flight.labels(service).set_function(lambda: counts.get(service, 0))
 
     @classmethod
     def get(cls, side: str, registry: CollectorRegistry | None = None) -> RpcMetrics:
@@ -87,20 +97,20 @@ class MetricsMiddleware:
         self.metrics = metrics
         self.service = service
         self._latency: dict[tuple[str, str], Any] = {}
-        self._in_flight: dict[str, Any] = {}
+        self._in_flight = metrics.in_flight_counts
         self._requests: dict[tuple[str, str, str], Any] = {}
 
     async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
         service = self.service or ctx.service
-        in_flight = self._in_flight.get(service)
-        if in_flight is None:
-            in_flight = self._in_flight[service] = self.metrics.in_flight.labels(service)
+        in_flight = self._in_flight
+        if service not in in_flight:
+            self.metrics.track_in_flight(service)
         latency = self._latency.get((service, ctx.method))
         if latency is None:
             latency = self._latency[(service, ctx.method)] = self.metrics.latency.labels(
                 service, ctx.method
             )
-        in_flight.inc()
+        in_flight[service] += 1
         start = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -110,7 +120,7 @@ class MetricsMiddleware:
             raise
         finally:
             latency.observe(time.perf_counter() - start)
-            in_flight.dec()
+            in_flight[service] -= 1
             key = (service, ctx.method, status_label(error, ctx))
             counter = self._requests.get(key)
             if counter is None:

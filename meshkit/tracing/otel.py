@@ -7,6 +7,7 @@ carried on to the next hop, so a trace is never broken by a meshkit service.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -19,16 +20,27 @@ from ..errors import MeshkitError
 class OTelHook:
     """Client and server spans (Dapper's cs/cr and sr/ss) with W3C propagation."""
 
+    # How long the answer to "is an SDK installed?" is reused (asking reads os.environ).
+    recheck_after = 1.0
+
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._provider = tracer_provider
+        self._recording_until = 0.0
+        self._recording_cached = False
 
     def _tracer(self) -> trace.Tracer:
         # Looked up per call so a provider installed after start-up is honoured.
         return trace.get_tracer("meshkit", tracer_provider=self._provider)
 
     def _recording(self) -> bool:
+        now = time.monotonic()
+        if now < self._recording_until:
+            return self._recording_cached
         provider = self._provider or trace.get_tracer_provider()
-        return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        self._recording_cached = recording
+        self._recording_until = now + self.recheck_after
+        return recording
 
     def start_client(self, ctx: Any) -> Any:
         if not self._recording():
