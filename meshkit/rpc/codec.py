@@ -62,6 +62,11 @@ def read_message(payload: bytes, protocol_id: int) -> MessageReader:
         raise FrameError(
             f"expected a complete Thrift message of {len(payload)} bytes, found a truncated one"
         )
+    if length != len(payload):
+        raise FrameError(
+            f"expected exactly one Thrift message in {len(payload)} bytes, found "
+            f"{len(payload) - length} bytes after it"
+        )
     if protocol_id == ProtocolId.BINARY:
         proto: Any = TCyBinaryProtocol(TCyMemoryBuffer(payload), decode_response=True)
     elif protocol_id == ProtocolId.COMPACT:

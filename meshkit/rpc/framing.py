@@ -58,6 +58,22 @@ class TransportType(IntEnum):
     UNFRAMED = 2
 
 
+class BadHeaderFrame(FrameError):
+    """A complete THeader frame whose header block was refused; ``seqid`` says which call."""
+
+    transport = TransportType.HEADER
+
+    def __init__(self, message: str, *, seqid: int | None) -> None:
+        super().__init__(message)
+        self.seqid = seqid
+
+
+def _header_seqid(src: bytes | bytearray | memoryview, body: int, n: int) -> int | None:
+    if body + 8 > n:
+        return None
+    return int.from_bytes(bytes(src[body + 4 : body + 8]), "big", signed=True)
+
+
 class OversizedFrame(FrameError):
     """A frame (or unframed message) is larger than the decoder accepts.
 
@@ -590,9 +606,13 @@ class FrameDecoder:
                     if end > n:
                         self._want = end - pos
                         break
-                    seqid, proto, headers, payload, flags, transforms = decode_frame_fields(
-                        src, body, end, limits
-                    )
+                    try:
+                        seqid, proto, headers, payload, flags, transforms = decode_frame_fields(
+                            src, body, end, limits
+                        )
+                    except FrameError as exc:
+                        # The frame's bounds and seq id are known: let the server answer.
+                        raise BadHeaderFrame(str(exc), seqid=_header_seqid(src, body, n)) from None
                     append(
                         Frame(
                             TransportType.HEADER, proto, payload, seqid, headers, flags, transforms

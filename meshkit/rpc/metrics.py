@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 import time
 from typing import Any
 
@@ -28,7 +29,11 @@ class RpcMetrics:
     """The RPC metric family for one side (``server`` or ``client``) in one registry."""
 
     _lock = threading.Lock()
-    _instances: dict[tuple[int, str], RpcMetrics] = {}
+    # Keyed by the registry object itself (weakly): an id() could be reused by a new
+    # registry after the old one is collected.
+    _instances: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RpcMetrics]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, registry: CollectorRegistry, side: str) -> None:
         prefix = f"meshkit_rpc_{side}"
@@ -70,11 +75,11 @@ class RpcMetrics:
     def get(cls, side: str, registry: CollectorRegistry | None = None) -> RpcMetrics:
         """The shared instance for ``side`` in ``registry`` (default: the global one)."""
         registry = REGISTRY if registry is None else registry
-        key = (id(registry), side)
         with cls._lock:
-            metrics = cls._instances.get(key)
+            sides = cls._instances.setdefault(registry, {})
+            metrics = sides.get(side)
             if metrics is None:
-                metrics = cls._instances[key] = cls(registry, side)
+                metrics = sides[side] = cls(registry, side)
             return metrics
 
 

@@ -29,7 +29,14 @@ from .codec import encode_message, read_message
 from .concurrency import ConcurrencyLimit
 from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, CallContext
 from .deadline import ServerDeadline
-from .framing import Frame, FrameDecoder, OversizedFrame, TransportType, encode_like
+from .framing import (
+    BadHeaderFrame,
+    Frame,
+    FrameDecoder,
+    OversizedFrame,
+    TransportType,
+    encode_like,
+)
 from .handler import Decode, Handler, MethodTable
 from .metrics import MetricsMiddleware, RpcMetrics
 from .pipeline import Middleware, Pipeline
@@ -215,6 +222,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
+        self._eof = False
         self._loop = asyncio.get_event_loop()
         self._rview = memoryview(bytearray(RECV_BUFFER_SIZE))
 
@@ -254,7 +262,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         try:
             frames = self.decoder.feed(data)
-        except OversizedFrame as exc:
+        except (OversizedFrame, BadHeaderFrame) as exc:
             self._reject_stream(exc, seqid=exc.seqid, transport_type=exc.transport)
             return
         except FrameError as exc:
@@ -262,6 +270,14 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         for frame in frames:
             self._dispatch(frame)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it already sent, then close."""
+        self._eof = True
+        if not self.tasks:
+            self._flush()
+            return False
+        return True  # keep the write side open until the calls finish
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -379,7 +395,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tasks.discard(task)
         self.server._call_finished()
         self._update_reading()
-        if self.server.draining:
+        if self.server.draining or self._eof:
             self.drain_if_idle()
 
     @staticmethod
@@ -401,7 +417,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         """The byte stream cannot be followed any further: answer if we can, then close."""
         log.warning("closing connection after a bad frame", peer=self.peer, error=str(error))
         if seqid is not None and transport_type is TransportType.HEADER:
-            headers = {STATUS_KEY: error.code.value}
+            # goaway: this connection closes next, the client must not send on it again.
+            headers = {STATUS_KEY: error.code.value, GOAWAY_KEY: "1"}
             payload = encode_message(
                 "", TMessageType.EXCEPTION, seqid, application_exception(error), 0
             )

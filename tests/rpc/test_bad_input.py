@@ -400,12 +400,6 @@ async def test_twenty_mib_call_from_meshkit_client(
     await assert_serving(echo_server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshkit bug: the server's reply to an oversized frame carries no meshkit-goaway, "
-    "so the client reuses the connection the server is closing and the next call fails "
-    "with UNAVAILABLE (server.py _reject_stream)",
-)
 async def test_client_next_call_after_oversized_rejection_succeeds(
     echo_server: RunningServer, make_client: Callable[..., Client]
 ) -> None:
@@ -539,13 +533,6 @@ async def test_bad_theader_header_block_closes(
     await assert_serving(echo_server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshkit gap: a complete THeader frame whose header block is refused (unknown "
-    "transform or protocol, limits, zlib) is dropped without a TApplicationException although "
-    "its length and seq id are known; the server docstring promises one when the frame "
-    "boundary is known (server.py data_received passes seqid=None for every FrameError)",
-)
 @pytest.mark.parametrize(
     "case", ["unknown-transform", "json-protocol-id", "too-many-headers", "zlib-bomb-64MiB"]
 )
@@ -638,12 +625,6 @@ async def test_garbled_framed_message_gets_protocol_error(
     await assert_connection_works(writer, reader, transport="framed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshkit bug: codec.read_message promises to reject anything but exactly one "
-    "message, yet bytes after the message in a frame are ignored (codec.py read_message "
-    "checks only for a truncated message)",
-)
 async def test_bytes_after_the_message_are_refused(
     echo_server: RunningServer, connect: Any
 ) -> None:
@@ -748,12 +729,6 @@ async def test_handler_returning_wrong_type_is_an_error(
     assert await client.echo("after") == "after"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshkit bug: when a client half-closes (shutdown(SHUT_WR)) after its request, "
-    "the server treats EOF as a lost connection and cancels the call instead of answering "
-    "(server.py ServerConnection has no eof_received)",
-)
 async def test_half_closed_client_still_gets_its_reply(
     echo_server: RunningServer, connect: Any
 ) -> None:
