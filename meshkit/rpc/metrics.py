@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 import time
+import weakref
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
