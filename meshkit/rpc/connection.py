@@ -23,6 +23,8 @@ from .framing import Frame, FrameDecoder
 from .theader import DEFAULT_LIMITS, HeaderLimits
 
 RECV_BUFFER_SIZE = 64 * 1024
+# Frames queued before a write is forced within a loop iteration.
+_FLUSH_FRAMES = 8
 
 log = structlog.get_logger("meshkit.rpc.client")
 
@@ -172,7 +174,13 @@ class ClientConnection(asyncio.BufferedProtocol):
                 fut.set_exception(ConnectionUnavailable(message, sent=sent))
 
     def _write(self, data: bytes) -> None:
-        self._out.append(data)
+        out = self._out
+        out.append(data)
+        # Small batches, so the server starts on the first requests while later ones
+        # are still being encoded (see ServerConnection._write for the measurements).
+        if len(out) >= _FLUSH_FRAMES:
+            self._flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
