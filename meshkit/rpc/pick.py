@@ -1,31 +1,83 @@
-"""The endpoint-pick stage: ask the resolver for endpoints and the balancer for one."""
+"""The endpoint-pick stage: narrow the snapshot, let the balancer choose, report outcomes.
+
+For each attempt:
+
+1. the resolver gives the current endpoints;
+2. each *selector* narrows them in turn (gray-release routing, outlier ejection, open
+   circuit breakers, zone preference, …): ``select(endpoints, ctx) -> endpoints``;
+3. endpoints already tried by this call are avoided when others remain;
+4. the balancer picks one;
+5. every *observer* (the balancer itself when it has the hooks, outlier detectors,
+   breakers, …) hears ``on_start`` and ``on_finish`` around the attempt.
+
+Each policy keeps its own state; this stage only composes them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import NoInstances
 from .balancer import Balancer
 from .context import CallContext
-from .endpoint import Resolver
+from .endpoint import Endpoint, Resolver
 from .pipeline import Next
 
 
+@runtime_checkable
+class EndpointSelector(Protocol):
+    """Narrows the candidate endpoints of one attempt (may raise a MeshkitError)."""
+
+    def select(self, endpoints: Sequence[Endpoint], ctx: CallContext) -> Sequence[Endpoint]: ...
+
+
+@runtime_checkable
+class EndpointObserver(Protocol):
+    """Hears about every attempt on an endpoint."""
+
+    def on_start(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+
+    def on_finish(
+        self, endpoint: Endpoint, ctx: CallContext, latency: float, error: BaseException | None
+    ) -> None: ...
+
+
 class Pick:
-    """Choose the endpoint of this attempt, avoiding ones already tried when possible."""
+    """Choose the endpoint of this attempt and report how it went."""
 
     name = "pick"
 
-    def __init__(self, resolver: Resolver, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        balancer: Balancer,
+        *,
+        selectors: Sequence[EndpointSelector] = (),
+        observers: Sequence[EndpointObserver] = (),
+    ) -> None:
         self.resolver = resolver
         self.balancer = balancer
+        self.selectors = tuple(selectors)
+        watchers: list[Any] = list(observers)
+        if isinstance(balancer, EndpointObserver) and balancer not in watchers:
+            watchers.insert(0, balancer)
+        self.observers = tuple(watchers)
 
     async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
-        endpoints = self.resolver.endpoints()
+        endpoints: Sequence[Endpoint] = self.resolver.endpoints()
         if not endpoints:
             raise NoInstances(
                 f"expected at least one instance of {ctx.service!r} in discovery, found none"
             )
+        for selector in self.selectors:
+            endpoints = selector.select(endpoints, ctx)
+            if not endpoints:
+                raise NoInstances(
+                    f"no instance of {ctx.service!r} is eligible for {ctx.method}: "
+                    f"{type(selector).__name__} left none"
+                )
         if ctx.tried:
             fresh = [e for e in endpoints if e not in ctx.tried]
             if fresh:
@@ -33,4 +85,19 @@ class Pick:
         endpoint = self.balancer.pick(endpoints, ctx)
         ctx.endpoint = endpoint
         ctx.peer = endpoint.address
-        return await call_next(ctx)
+        observers = self.observers
+        if not observers:
+            return await call_next(ctx)
+        for observer in observers:
+            observer.on_start(endpoint, ctx)
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await call_next(ctx)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            latency = time.perf_counter() - start
+            for observer in observers:
+                observer.on_finish(endpoint, ctx, latency, error)
