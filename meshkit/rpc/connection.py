@@ -122,7 +122,8 @@ class ClientConnection(asyncio.BufferedProtocol):
     # -- calls ------------------------------------------------------------
 
     def next_seqid(self) -> int:
-        self._seqid = (self._seqid + 1) & _SEQ_MASK
+        # Seq id 0 is reserved for frames the server sends on its own (goaway).
+        self._seqid = (self._seqid & _SEQ_MASK) % _SEQ_MASK + 1
         return self._seqid
 
     def send(

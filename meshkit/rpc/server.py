@@ -27,7 +27,7 @@ from ..errors import FrameError, InvalidArgument, MeshkitError, StatusCode
 from .accesslog import AccessLog
 from .codec import encode_message, read_message
 from .concurrency import ConcurrencyLimit
-from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, CallContext
+from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, TIMEOUT_KEY, CallContext
 from .deadline import ServerDeadline
 from .framing import (
     BadHeaderFrame,
@@ -40,7 +40,7 @@ from .framing import (
 from .handler import Decode, Handler, MethodTable
 from .metrics import MetricsMiddleware, RpcMetrics
 from .pipeline import Middleware, Pipeline
-from .theader import DEFAULT_LIMITS, HeaderLimits
+from .theader import DEFAULT_LIMITS, HeaderLimits, encode_frame
 from .tracing import TracerHook, Tracing
 
 RECV_BUFFER_SIZE = 64 * 1024
@@ -48,6 +48,9 @@ RECV_BUFFER_SIZE = 64 * 1024
 _FLUSH_FRAMES = 8
 
 log = structlog.get_logger("meshkit.rpc.server")
+
+# Sent unsolicited to meshkit clients when a drain starts (seq id 0 is never a call's).
+GOAWAY_FRAME = encode_frame(b"", seqid=0, headers={GOAWAY_KEY: "1"})
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
@@ -110,6 +113,8 @@ class RpcServer:
         self.connections: set[ServerConnection] = set()
         self.in_flight = 0
         self.draining = False
+        # How long a drain waits for meshkit clients to close their connections.
+        self.client_close_grace = 1.0
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.base_events.Server | None = None
@@ -160,15 +165,20 @@ class RpcServer:
     async def drain(self, timeout: float) -> bool:
         """Stop accepting, answer every call already received, then close connections.
 
-        Calls that arrive on open connections while draining are still served,
-        and their replies carry a ``meshkit-goaway`` header so meshkit clients stop
-        sending there. Returns ``True`` when everything finished within ``timeout``.
+        meshkit clients are told to go away (a ``meshkit-goaway`` frame, and the same
+        header on every reply): they stop sending on the connection and close it
+        themselves once their calls are answered, so no request is ever caught by a
+        server-side close. Calls that still arrive on open connections are served.
+        Other clients' connections are closed as soon as they are idle. Returns
+        ``True`` when every call finished within ``timeout``.
         """
         self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.drain_if_idle()
+            conn.start_drain()
         finished = True
         if self.in_flight:
             try:
@@ -178,6 +188,11 @@ class RpcServer:
                 log.warning(
                     "drain timed out", service=self.name, timeout=timeout, in_flight=self.in_flight
                 )
+        # Give meshkit clients a moment to close their side after their last reply.
+        grace = min(self.client_close_grace, max(0.0, deadline - loop.time()))
+        while self.connections and grace > 0:
+            await asyncio.sleep(0.01)
+            grace -= 0.01
         await self.close()
         return finished
 
@@ -225,6 +240,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._closing = False
         self._eof = False
+        self.meshkit_peer = False  # a meshkit client: it understands a goaway frame
         self._loop = asyncio.get_event_loop()
         self._rview = memoryview(bytearray(RECV_BUFFER_SIZE))
 
@@ -316,6 +332,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             )
             return
         headers = frame.headers
+        if not self.meshkit_peer and headers and (CALLER_KEY in headers or TIMEOUT_KEY in headers):
+            self.meshkit_peer = frame.transport is TransportType.HEADER
         ctx = CallContext(
             service=self.server.name,
             method=reader.name,
@@ -473,8 +491,22 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     # -- shutdown -----------------------------------------------------------
 
+    def start_drain(self) -> None:
+        """Tell a meshkit client to go away; close other idle connections now."""
+        if self.meshkit_peer and self.transport is not None and not self._closing:
+            self._write(GOAWAY_FRAME)
+            self._flush()
+            return
+        self.drain_if_idle()
+
     def drain_if_idle(self) -> None:
-        """While draining, close this connection once it has no call in progress."""
+        """While draining, close this connection once it has no call in progress.
+
+        A meshkit client closes its side itself after the goaway; the server
+        closes what is left when the drain ends.
+        """
+        if self.meshkit_peer and self.server.draining and not self._eof:
+            return
         if not self.tasks and not self._out and self.transport is not None:
             self._closing = True
             self.transport.close()
