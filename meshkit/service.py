@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ from .registry import Instance, Registry, new_instance_id, registry_from_url
 from .rpc.pipeline import Middleware
 from .rpc.server import RpcServer
 from .rpc.tracing import TracerHook
-from .settings import Settings
+from .settings import Settings, parse_tags
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ class Service:
         self.name = name
         self.service = service
         self.version = version
-        self.tags = dict(tags or {})
+        self.tags = {**parse_tags(os.environ.get("MESHKIT_TAGS", "")), **(tags or {})}
         self.weight = weight
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.with_overrides(
@@ -105,6 +106,7 @@ class Service:
         self._stop_requested: asyncio.Event | None = None
         self._stopped = False
         self._owns_registry = False
+        self._clients: list[Client] = []
 
     # -- building ----------------------------------------------------------
 
@@ -123,7 +125,9 @@ class Service:
         if "addr" not in options and "registry" not in options and self.registry is not None:
             options["registry"] = self.registry
         options.setdefault("caller", self.name)
-        return Client(service, name, **options)
+        client = Client(service, name, **options)
+        self._clients.append(client)
+        return client
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -237,6 +241,11 @@ class Service:
                 finished=finished,
             )
         self.state.set_phase(Phase.STOPPED)
+        for client in self._clients:
+            try:
+                await client.close()
+            except Exception as exc:
+                log.warning("closing a client failed", service=self.name, error=str(exc))
         if self.health is not None:
             await self.health.stop()
         if self.loop_monitor is not None:

@@ -69,3 +69,14 @@ def _convert(name: str, raw: str, kind: type) -> Any:
         expected = "an integer" if kind is int else "a number"
         raise ConfigError(f"expected {env_name} to be {expected}, found {raw!r}") from None
     return raw
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """Parse instance tags written as ``zone=a,canary=true`` (``MESHKIT_TAGS``)."""
+    tags: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected MESHKIT_TAGS items of the form key=value, found {item!r}")
+        tags[key.strip()] = value.strip()
+    return tags

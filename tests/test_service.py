@@ -164,3 +164,30 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tags_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshkit.settings import parse_tags
+
+    assert parse_tags(" zone=a , canary=true,") == {"zone": "a", "canary": "true"}
+    with pytest.raises(ConfigError, match="key=value, found 'oops'"):
+        parse_tags("zone=a,oops")
+    monkeypatch.setenv("MESHKIT_TAGS", "zone=b,canary=true")
+    svc = Service("tagged", echo_thrift.Echo, registry=None, tags={"zone": "c"})
+    assert svc.tags == {"zone": "c", "canary": "true"}
+
+
+async def test_stop_closes_clients_the_service_made(registry_url: str) -> None:
+    metrics = CollectorRegistry()
+    backend = Service("backend", echo_thrift.Echo, registry=registry_url, metrics_registry=metrics)
+    backend.implement(EchoImpl)
+    front = Service("front", echo_thrift.Echo, registry=registry_url, metrics_registry=metrics)
+    front.implement(EchoImpl)
+    await backend.start(port=0, health_port=0)
+    await front.start(port=0, health_port=0)
+    client = front.client(echo_thrift.Echo, "backend")
+    assert await client.echo("x") == "x"
+    assert client.caller == "front"
+    await front.stop()
+    assert client.pool._closed
+    await backend.stop()

@@ -111,6 +111,13 @@ class RpcClient:
             if not hasattr(type(self), method):
                 setattr(self, method, self._method(method))
 
+    def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        # IDL methods are set on the instance in __init__; this only runs for other
+        # names, and exists so type checkers accept ``client.echo(...)``.
+        raise AttributeError(
+            f"{type(self).__name__} for {self.__dict__.get('name', '?')!r} has no method {name!r}"
+        )
+
     def _method(self, method: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         async def invoke(*args: Any, **kwargs: Any) -> Any:
             return await self.call(method, *args, **kwargs)
@@ -264,6 +271,12 @@ class SyncClient:
         for method in self._client.specs:
             if not hasattr(type(self), method):
                 setattr(self, method, self._method(method))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # See RpcClient.__getattr__: lets type checkers accept ``client.echo(...)``.
+        raise AttributeError(
+            f"{type(self).__name__} for {self.__dict__.get('name', '?')!r} has no method {name!r}"
+        )
 
     def _method(self, method: str) -> Callable[..., Any]:
         def invoke(*args: Any, **kwargs: Any) -> Any:
