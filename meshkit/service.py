@@ -317,5 +317,13 @@ class Service:
                 "in_flight": self.server.in_flight if self.server else 0,
                 "connections": len(self.server.connections) if self.server else 0,
             },
+            "discovery": [
+                {
+                    "service": client.name,
+                    "instances": len(client.resolver.endpoints()),
+                    "stale": bool(getattr(client.resolver, "stale", False)),
+                }
+                for client in self._clients
+            ],
             "config_version": None,
         }

@@ -188,6 +188,12 @@ async def test_stop_closes_clients_the_service_made(registry_url: str) -> None:
     client = front.client(echo_thrift.Echo, "backend")
     assert await client.echo("x") == "x"
     assert client.caller == "front"
+    assert front.info()["discovery"] == [{"service": "backend", "instances": 1, "stale": False}]
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    assert 'meshkit_discovery_instances{service="backend"} 1.0' in text
+    assert 'meshkit_discovery_stale{service="backend"} 0.0' in text
     await front.stop()
     assert client.pool._closed
     await backend.stop()

@@ -14,10 +14,12 @@ from types import TracebackType
 from typing import Self
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from ..errors import Unavailable
 from ..rpc.endpoint import Endpoint
 from .base import Instance, Registry, RegistryStatus, validate_service_name
+from .metrics import DiscoveryMetrics
 
 __all__ = ["ChangeCallback", "RegistryResolver", "endpoint_for"]
 
@@ -65,6 +67,7 @@ class RegistryResolver:
         *,
         initial_backoff: float = 0.1,
         max_backoff: float = 5.0,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry
         self.service = validate_service_name(service)
@@ -78,6 +81,9 @@ class RegistryResolver:
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
+        DiscoveryMetrics.get(metrics_registry).track(
+            self.service, lambda: len(self._endpoints), lambda: self.stale
+        )
 
     # -- Resolver protocol --------------------------------------------------------------
 
