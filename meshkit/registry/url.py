@@ -14,24 +14,33 @@ __all__ = ["DEFAULT_REGISTRY_URL", "ENV_REGISTRY", "SCHEMES", "registry_from_url
 
 ENV_REGISTRY = "MESHKIT_REGISTRY"
 DEFAULT_REGISTRY_URL = "local://"
-#: Every scheme a registry URL may have (etcd and consul are not implemented yet).
+#: Every scheme a registry URL may have.
 SCHEMES = ("local", "etcd", "consul")
 
 
 def registry_from_url(url: str | None = None, **options: Any) -> Registry:
     """The registry for ``url``; ``None`` means ``$MESHKIT_REGISTRY``, else ``local://``.
 
-    ``options`` go to the backend (for ``local://``: ``ttl``, ``poll_interval``).
+    ``options`` go to the backend (for ``local://``: ``ttl``, ``poll_interval``; see
+    :class:`~meshkit.registry.etcd.EtcdRegistry` and
+    :class:`~meshkit.registry.consul.ConsulRegistry` for theirs).
     """
     if url is None:
         url = os.environ.get(ENV_REGISTRY) or DEFAULT_REGISTRY_URL
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "local":
         return LocalRegistry.from_url(url, **options)
-    if scheme in ("etcd", "consul"):
-        raise ConfigError(
-            f"the {scheme} registry backend is not implemented yet; use local:// "
-            f"(found registry URL {url!r})"
-        )
+    if scheme == "consul":
+        from .consul import ConsulRegistry
+
+        return ConsulRegistry.from_url(url, **options)
+    if scheme == "etcd":
+        try:
+            from .etcd import EtcdRegistry
+        except ImportError as exc:
+            raise ConfigError(
+                f"the etcd registry needs the etcd client: pip install 'meshkit[etcd]' ({exc})"
+            ) from None
+        return EtcdRegistry.from_url(url, **options)
     supported = ", ".join(f"{s}://" for s in SCHEMES)
     raise ConfigError(f"expected a registry URL with scheme {supported}; found {url!r}")

@@ -483,10 +483,13 @@ def test_registry_from_url_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert registry_from_url().url == "local://"
 
 
-@pytest.mark.parametrize("scheme", ["etcd", "consul"])
-def test_registry_from_url_planned_backends(scheme: str) -> None:
-    with pytest.raises(ConfigError, match=f"the {scheme} registry backend is not implemented yet"):
-        registry_from_url(f"{scheme}://127.0.0.1:2379")
+async def test_registry_from_url_consul() -> None:
+    from meshkit.registry.consul import ConsulRegistry
+
+    registry = registry_from_url("consul://127.0.0.1:8500?ttl=5")
+    assert isinstance(registry, ConsulRegistry)
+    assert registry.url == "consul://127.0.0.1:8500"
+    await registry.close()
 
 
 @pytest.mark.parametrize(
