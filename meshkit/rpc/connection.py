@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import Callable
 
 import structlog
@@ -21,6 +20,7 @@ from .context import GOAWAY_KEY
 from .endpoint import Endpoint
 from .framing import Frame, FrameDecoder
 from .theader import DEFAULT_LIMITS, HeaderLimits
+from .timers import DeadlineTimers
 
 RECV_BUFFER_SIZE = 64 * 1024
 # Frames queued before a write is forced within a loop iteration.
@@ -63,6 +63,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
+        self._timers: DeadlineTimers[int] = DeadlineTimers(self._expire, self._loop)
         self._rview = memoryview(bytearray(RECV_BUFFER_SIZE))
         self._close_reason = "connection closed"
 
@@ -126,13 +127,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._seqid = (self._seqid & _SEQ_MASK) % _SEQ_MASK + 1
         return self._seqid
 
-    def send(
-        self, seqid: int, frame: bytes, deadline: float | None
-    ) -> tuple[asyncio.Future[Frame], asyncio.TimerHandle | None]:
-        """Write one request frame; return the future of its reply and its deadline timer.
+    def send(self, seqid: int, frame: bytes, deadline: float | None) -> asyncio.Future[Frame]:
+        """Write one request frame; return the future of its reply.
 
-        The caller cancels the timer once the future is done (cheaper than a done-callback,
-        which would cost the loop one more scheduled handle per call).
+        The caller calls :meth:`settle` once the future is done (cheaper than a
+        done-callback, which would cost the loop one more scheduled handle per call).
         """
         if not self.usable:
             raise ConnectionUnavailable(
@@ -140,11 +139,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             )
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.pending[seqid] = fut
-        timer = None
         if deadline is not None:
-            timer = self._loop.call_later(deadline - time.monotonic(), self._expire, seqid)
+            self._timers.add(seqid, deadline)
         self._write(frame)
-        return fut, timer
+        return fut
+
+    def settle(self, seqid: int) -> None:
+        """The caller is done with ``seqid``: drop its deadline."""
+        self._timers.discard(seqid)
 
     def send_oneway(self, frame: bytes) -> None:
         if not self.usable:
@@ -169,6 +171,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             )
 
     def _fail_all(self, message: str, *, sent: bool) -> None:
+        self._timers.close()
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import DeadlineExceeded
 from .context import TIMEOUT_KEY, CallContext
 from .pipeline import Next
+from .timers import DeadlineTimers
 
 _deadline: ContextVar[float | None] = ContextVar("meshkit_deadline", default=None)
 
@@ -98,6 +99,10 @@ class ServerDeadline:
 
     def __init__(self, default_timeout: float | None = None) -> None:
         self.default_timeout = default_timeout
+        # One timer for all calls of this server (see timers.py); created on first use
+        # because the event loop is not known before.
+        self._timers: DeadlineTimers[asyncio.Task[Any]] | None = None
+        self._expired: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
         budget = parse_timeout_ms(ctx.headers.get(TIMEOUT_KEY))
@@ -113,27 +118,28 @@ class ServerDeadline:
         deadline = time.monotonic() + budget
         ctx.deadline = deadline
         task = asyncio.current_task()
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            if task is not None:
-                task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(budget, expire)
+        assert task is not None
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = DeadlineTimers(self._expire, asyncio.get_running_loop())
+        timers.add(task, deadline)
         token = _deadline.set(deadline)
         try:
             return await call_next(ctx)
         except asyncio.CancelledError:
-            if expired:
-                if task is not None:
-                    task.uncancel()
+            if task in self._expired:
+                self._expired.discard(task)
+                task.uncancel()
                 raise DeadlineExceeded(
                     f"{ctx.service}.{ctx.method} cancelled: its budget of "
                     f"{budget * 1000:.0f} ms ran out before the handler finished"
                 ) from None
             raise
         finally:
-            timer.cancel()
+            timers.discard(task)
+            self._expired.discard(task)
             _deadline.reset(token)
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._expired.add(task)
+        task.cancel()

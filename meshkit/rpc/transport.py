@@ -69,15 +69,14 @@ class Transport:
         if spec.oneway:
             conn.send_oneway(frame)
             return None
-        fut, timer = conn.send(seqid, frame, ctx.deadline)
+        fut = conn.send(seqid, frame, ctx.deadline)
         try:
             reply = await fut
         except asyncio.CancelledError:
             conn.forget(seqid)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            conn.settle(seqid)
         ctx.response_headers = reply.headers
         try:
             reader = read_message(reply.payload, reply.protocol_id)
