@@ -13,27 +13,38 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import os
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, StatusCode
 from .accesslog import AccessLog
-from .balancer import Balancer, RoundRobin
+from .balancer import Balancer, PeakEwma
+from .breaker import CircuitBreakers
 from .connection import ConnectionPool
 from .context import CALLER_KEY, CallContext
 from .deadline import ClientDeadline
 from .endpoint import Resolver
+from .fallback import Fallback
 from .handler import MethodSpec, method_specs
+from .hedge import Hedge, HedgePolicy
 from .metrics import MetricsMiddleware, RpcMetrics
-from .pick import Pick
+from .outlier import OutlierEjection
+from .pick import EndpointObserver, EndpointSelector, Pick
 from .pipeline import Middleware, Pipeline
 from .retry import Retry, RetryPolicy
+from .route import RoutingTable
 from .theader import ProtocolId
 from .tracing import TracerHook, Tracing
 from .transport import Transport
+from .zone import ZonePreference
+
+CLIENT_BREAKER_CODES = frozenset(
+    {StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.INTERNAL}
+)
 
 
 class RpcClient:
@@ -41,6 +52,14 @@ class RpcClient:
 
     Safe to share between tasks: calls are multiplexed over pooled connections.
     Create it inside a running event loop, or let the first call start it.
+
+    Default policies: peak-EWMA power-of-two-choices balancing, outlier ejection and
+    per-instance circuit breakers (pass ``False`` to turn either off, or your own
+    object), retries of unsent calls (and of idempotent methods on UNAVAILABLE),
+    zone preference when ``zone=`` or ``MESHKIT_ZONE`` is set, gray-release
+    ``routing=`` rules, backup requests (``hedge=HedgePolicy(methods=...)``, idempotent
+    methods only) and per-method ``fallbacks=`` when given. Retries and hedges share
+    one retry budget.
     """
 
     def __init__(
@@ -62,6 +81,13 @@ class RpcClient:
         max_frame_size: int = 16 * 1024 * 1024,
         idempotent: Sequence[str] = (),
         metrics_registry: CollectorRegistry | None = None,
+        routing: RoutingTable | None = None,
+        breakers: CircuitBreakers | bool = True,
+        outliers: OutlierEjection | bool = True,
+        zone: str | None = None,
+        selectors: Sequence[EndpointSelector] = (),
+        hedge: HedgePolicy | None = None,
+        fallbacks: Mapping[str, Any] | None = None,
     ) -> None:
         if protocol not in ("binary", "compact"):
             raise InvalidArgument(f"expected protocol 'binary' or 'compact', found {protocol!r}")
@@ -93,14 +119,62 @@ class RpcClient:
                 from ..tracing.otel import OTelHook
 
                 tracer = OTelHook()
-            middlewares = [
-                ClientDeadline(timeout),
+            balancer = balancer if balancer is not None else PeakEwma()
+            chosen: list[EndpointSelector] = []
+            watchers: list[EndpointObserver] = []
+            if routing is not None:
+                chosen.append(routing)  # first: it caches by snapshot identity
+            if outliers is not False:
+                ejector = (
+                    outliers
+                    if isinstance(outliers, OutlierEjection)
+                    else OutlierEjection(metrics_registry=metrics_registry)
+                )
+                chosen.append(ejector)
+                watchers.append(ejector)
+            if breakers is not False:
+                breaker = (
+                    breakers
+                    if isinstance(breakers, CircuitBreakers)
+                    # Shedding (RESOURCE_EXHAUSTED) is the server protecting itself; the
+                    # balancer already steers away from it, and tripping on it would
+                    # shut out a lone overloaded instance for reset_timeout.
+                    else CircuitBreakers(
+                        failure_codes=CLIENT_BREAKER_CODES, metrics_registry=metrics_registry
+                    )
+                )
+                chosen.append(breaker)
+                watchers.append(breaker)
+            chosen.extend(selectors)
+            local_zone = zone if zone is not None else os.environ.get("MESHKIT_ZONE") or None
+            if local_zone:
+                load = getattr(balancer, "load", None)
+                chosen.append(ZonePreference(local_zone, load=load, max_load=8.0 if load else None))
+            middlewares = [ClientDeadline(timeout)]
+            if fallbacks:
+                unknown = sorted(set(fallbacks) - set(self.specs))
+                if unknown:
+                    raise InvalidArgument(
+                        f"fallbacks must name IDL methods of {name}, found {unknown}"
+                    )
+                # Outside metrics and tracing, so they still record the failure.
+                middlewares.append(Fallback(fallbacks, metrics_registry=metrics_registry))
+            middlewares += [
                 Tracing(tracer, "client"),
                 MetricsMiddleware(metrics),
                 AccessLog("client"),
-                Retry(retry),
-                Pick(resolver, balancer or RoundRobin()),
+                Retry(retry, metrics_registry=metrics_registry),
             ]
+            if hedge is not None:
+                middlewares.append(
+                    Hedge(
+                        hedge,
+                        idempotent_methods=retry.idempotent_methods,
+                        budget=retry.budget,
+                        metrics_registry=metrics_registry,
+                    )
+                )
+            middlewares.append(Pick(resolver, balancer, selectors=chosen, observers=watchers))
         protocol_id = ProtocolId.BINARY if protocol == "binary" else ProtocolId.COMPACT
         self.pipeline = Pipeline(
             middlewares, Transport(self.pool, self.specs, protocol_id), terminal_name="transport"

@@ -250,22 +250,15 @@ class ConnectionPool:
         if conn is not None:
             return conn
         key = (endpoint.host, endpoint.port)
-        waiting = self._connecting.get(key)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        fut: asyncio.Future[ClientConnection] = asyncio.get_running_loop().create_future()
-        self._connecting[key] = fut
-        try:
-            conn = await self._open(endpoint)
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: nobody else may be waiting
-            raise
-        finally:
-            self._connecting.pop(key, None)
-        fut.set_result(conn)
-        return conn
+        opening = self._connecting.get(key)
+        if opening is None:
+            # The connect runs in its own task shared by every caller that needs this
+            # endpoint, so one caller being cancelled (a lost hedge, a timeout) does not
+            # cancel the connect for the others.
+            opening = asyncio.ensure_future(self._open(endpoint))
+            self._connecting[key] = opening
+            opening.add_done_callback(lambda _t: self._connecting.pop(key, None))
+        return await asyncio.shield(opening)
 
     async def _open(self, endpoint: Endpoint) -> ClientConnection:
         if self._closed:
