@@ -300,7 +300,7 @@ async def assert_connection_works(
 
 async def wait_for_connections(running: Any, count: int) -> None:
     async def poll() -> None:
-        while len(running.server.connections) != count:  # noqa: ASYNC110 - no event to wait on
+        while len(running.server.connections) != count:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), 10)
