@@ -163,6 +163,7 @@ class Service:
             name=self.name,
             middlewares=self.middlewares,
             max_concurrency=settings.max_concurrency,
+            adaptive_concurrency=settings.concurrency == "adaptive",
             default_timeout=self.default_timeout,
             tracer=self.tracer,
             metrics_registry=self.metrics_registry,

@@ -27,6 +27,7 @@ class Settings:
     registry: str = ""
     drain_timeout: float = 10.0
     max_concurrency: int = 1024
+    concurrency: str = "fixed"
     log_level: str = "INFO"
 
     @classmethod
@@ -54,6 +55,10 @@ class Settings:
                 raise ConfigError(f"expected {name} between 0 and 65535, found {value}")
         if self.drain_timeout < 0:
             raise ConfigError(f"expected drain_timeout ≥ 0 s, found {self.drain_timeout}")
+        if self.concurrency not in ("fixed", "adaptive"):
+            raise ConfigError(
+                f"expected MESHKIT_CONCURRENCY 'fixed' or 'adaptive', found {self.concurrency!r}"
+            )
         if self.max_concurrency < 1:
             raise ConfigError(f"expected max_concurrency ≥ 1, found {self.max_concurrency}")
 

@@ -197,3 +197,29 @@ async def test_stop_closes_clients_the_service_made(registry_url: str) -> None:
     await front.stop()
     assert client.pool._closed
     await backend.stop()
+
+
+async def test_adaptive_concurrency_from_settings() -> None:
+    settings = Settings.from_env(
+        {"MESHKIT_CONCURRENCY": "adaptive", "MESHKIT_MAX_CONCURRENCY": "200"}
+    )
+    svc = Service(
+        "adaptive",
+        echo_thrift.Echo,
+        registry=None,
+        settings=settings,
+        metrics_registry=CollectorRegistry(),
+    )
+    svc.implement(EchoImpl)
+    await svc.start(port=0, health_port=0)
+    try:
+        assert svc.server is not None
+        limit = svc.server.pipeline.middlewares[2]
+        assert type(limit).__name__ == "AdaptiveLimit"
+        assert limit.max_limit == 200
+        async with Client(echo_thrift.Echo, "adaptive", addr=f"127.0.0.1:{svc.port}") as client:
+            assert await client.echo("x") == "x"
+    finally:
+        await svc.stop()
+    with pytest.raises(ConfigError, match="'fixed' or 'adaptive'"):
+        Settings.from_env({"MESHKIT_CONCURRENCY": "maybe"})

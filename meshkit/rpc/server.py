@@ -25,6 +25,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 from ..errors import FrameError, InvalidArgument, MeshkitError, StatusCode
 from .accesslog import AccessLog
+from .adaptive import AdaptiveLimit
 from .codec import encode_message, read_message
 from .concurrency import ConcurrencyLimit
 from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, TIMEOUT_KEY, CallContext
@@ -92,8 +93,10 @@ class RpcServer:
         max_workers: int = 32,
         tracer: TracerHook | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        adaptive_concurrency: bool = False,
     ) -> None:
         self.name = name
+        self.metrics_registry = metrics_registry
         self.table = MethodTable(service, implementation)
         self.max_frame_size = max_frame_size
         self.header_limits = header_limits
@@ -105,7 +108,10 @@ class RpcServer:
         self.metrics = RpcMetrics.get("server", metrics_registry)
         if middlewares is None:
             middlewares = self.default_middlewares(
-                max_concurrency=max_concurrency, default_timeout=default_timeout, tracer=tracer
+                max_concurrency=max_concurrency,
+                default_timeout=default_timeout,
+                tracer=tracer,
+                adaptive_concurrency=adaptive_concurrency,
             )
         self.pipeline = Pipeline(
             middlewares, Handler(self.table, self.executor), terminal_name="handler"
@@ -127,15 +133,30 @@ class RpcServer:
         max_concurrency: int = 1024,
         default_timeout: float | None = None,
         tracer: TracerHook | None = None,
+        adaptive_concurrency: bool = False,
     ) -> list[Middleware]:
+        """The default server chain; ``adaptive_concurrency`` swaps the fixed limit for
+        :class:`~meshkit.rpc.adaptive.AdaptiveLimit` (Gradient2) capped at ``max_concurrency``.
+        """
         if tracer is None:
             from ..tracing.otel import OTelHook
 
             tracer = OTelHook()
+        limit: Middleware = (
+            AdaptiveLimit(
+                max_limit=max_concurrency,
+                initial=min(64, max_concurrency),
+                min_limit=min(4, max_concurrency),
+                service=self.name,
+                metrics_registry=self.metrics_registry,
+            )
+            if adaptive_concurrency
+            else ConcurrencyLimit(max_concurrency)
+        )
         return [
             Decode(self.table),
-            ServerDeadline(default_timeout),
-            ConcurrencyLimit(max_concurrency),
+            ServerDeadline(default_timeout),  # before the limit: it sees deadline drops
+            limit,
             Tracing(tracer, "server"),
             MetricsMiddleware(self.metrics, self.name),
             AccessLog("server"),
