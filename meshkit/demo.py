@@ -77,6 +77,9 @@ class DemoInstance:
 #: The processes of the demo, started in this order and stopped in reverse.
 INSTANCES: tuple[DemoInstance, ...] = (
     DemoInstance("echo-1", "echo", "meshkit._demo.services:echo_service"),
+    DemoInstance("echo-2", "echo", "meshkit._demo.services:echo_service"),
+    # The gateway sends a share of its calls here (see services.CANARY_RULES).
+    DemoInstance("echo-canary", "echo", "meshkit._demo.services:echo_service", {"canary": "true"}),
     DemoInstance("gateway-1", "gateway", "meshkit._demo.services:gateway_service"),
 )
 

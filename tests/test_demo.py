@@ -97,12 +97,16 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert re.search(r"p50 [\d.]+ ms\s+p99 [\d.]+ ms", out)
     assert re.search(r"calls/s\s+\d+", out)
     # Every gateway call crossed to echo.
-    served = dict(re.findall(r"(echo-1|gateway-1) (\d+)", out))
-    assert int(served["gateway-1"]) == calls and int(served["echo-1"]) == calls
+    served = dict(re.findall(r"(echo-1|echo-2|echo-canary|gateway-1) (\d+)", out))
+    assert int(served["gateway-1"]) == calls
+    echo = {slot: int(served[slot]) for slot in ("echo-1", "echo-2", "echo-canary")}
+    assert sum(echo.values()) == calls, served  # every gateway call reached one echo
+    assert echo["echo-1"] > 0 and echo["echo-2"] > 0, served  # balanced over the stable pool
+    assert 0.05 < echo["echo-canary"] / calls < 0.4, served  # the 20 % canary rule
     for path in ("/health/ready", "/metrics", "/info"):
         assert out.count(path) == len(INSTANCES)
     assert "registry" in out and "meshkit call gateway greet --idl" in out
-    assert "stopped gateway-1, echo-1 (drained, exit 0)" in result.stderr
+    assert "stopped gateway-1, echo-canary, echo-2, echo-1 (drained, exit 0)" in result.stderr
     assert list(tmp_path.glob("meshkit-demo-*")) == []
 
 
@@ -134,7 +138,7 @@ def test_ctrl_c_during_traffic_stops_everything_and_exits_130(tmp_path: Path) ->
             proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    assert "stopped gateway-1, echo-1 (drained, exit 0)" in err
+    assert "stopped gateway-1, echo-canary, echo-2, echo-1 (drained, exit 0)" in err
     assert_cleaned_up(kids, tmp_path)
 
 
@@ -167,7 +171,7 @@ def test_ctrl_c_ends_keep_running_with_exit_0(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "stopped gateway-1, echo-1 (drained, exit 0)" in err
+    assert "stopped gateway-1, echo-canary, echo-2, echo-1 (drained, exit 0)" in err
     assert_cleaned_up(kids, tmp_path)
 
 

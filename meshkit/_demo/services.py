@@ -28,6 +28,7 @@ from typing import Any
 import thriftpy2
 
 from .. import Service
+from ..rpc.route import RoutingTable
 from . import ECHO_IDL, GATEWAY_IDL
 
 __all__ = ["echo_service", "echo_thrift", "gateway_service", "gateway_thrift"]
@@ -36,6 +37,19 @@ echo_thrift: Any = thriftpy2.load(str(ECHO_IDL), module_name="meshkit_demo_echo_
 gateway_thrift: Any = thriftpy2.load(str(GATEWAY_IDL), module_name="meshkit_demo_gateway_thrift")
 
 TAGS_ENV = "MESHKIT_DEMO_TAGS"
+
+#: Gray release: a sticky 20 % of greeted names go to instances tagged canary=true; the
+#: rest stay on the stable pool (the other echo instances), balanced by peak EWMA.
+CANARY_RULES: dict[str, Any] = {
+    "rules": [
+        {
+            "name": "canary-20pct",
+            "target": {"canary": "true"},
+            "percent": 20,
+            "hash_key": "user",
+        }
+    ]
+}
 PARENT_ENV = "MESHKIT_DEMO_PARENT_PID"
 
 
@@ -103,8 +117,13 @@ def gateway_service() -> Service:
 
         async def greet(self, name: str) -> str:
             if self._echo is None:  # created on first use: the service is started by then
-                self._echo = svc.client(echo_thrift.Echo, "echo", timeout=1.0)
-            return str(await self._echo.echo(greeting(name)))
+                self._echo = svc.client(
+                    echo_thrift.Echo,
+                    "echo",
+                    timeout=1.0,
+                    routing=RoutingTable.from_dict(CANARY_RULES),
+                )
+            return str(await self._echo.call("echo", greeting(name), headers={"user": name}))
 
     svc.implement(Gateway())
     return svc
