@@ -3,20 +3,15 @@ snapshot is stale (registry unreachable, last known snapshot in use)."""
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Callable
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge
+
+from .._metrics import PerRegistry
 
 
-class DiscoveryMetrics:
+class DiscoveryMetrics(PerRegistry):
     """Gauges read at scrape time from the resolvers that registered them."""
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, DiscoveryMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.instances = Gauge(
@@ -31,15 +26,6 @@ class DiscoveryMetrics:
             ["service"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> DiscoveryMetrics:
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
     def track(self, service: str, count: Callable[[], int], stale: Callable[[], bool]) -> None:
         """Report ``service`` from these callables (the latest resolver wins)."""

@@ -71,14 +71,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .._metrics import PerRegistry
 from ..errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from .context import CallContext
 from .pipeline import Next
@@ -89,13 +89,8 @@ GRADIENT = "gradient"
 AIMD = "aimd"
 
 
-class AdaptiveLimitMetrics:
+class AdaptiveLimitMetrics(PerRegistry):
     """The adaptive-limit metric family in one registry (created once, keyed weakly)."""
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, AdaptiveLimitMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.limit = Gauge(
@@ -110,16 +105,6 @@ class AdaptiveLimitMetrics:
             ["service"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> AdaptiveLimitMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 class ExpAvg:

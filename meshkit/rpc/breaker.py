@@ -85,16 +85,15 @@ import asyncio
 import contextlib
 import enum
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import pybreaker
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from thriftpy2.thrift import TException
 
+from .._metrics import PerRegistry
 from ..errors import CircuitOpen, InvalidArgument, MeshkitError, StatusCode
 from .context import CallContext
 from .endpoint import Endpoint
@@ -194,13 +193,8 @@ def status_codes(codes: Iterable[StatusCode | str]) -> frozenset[StatusCode]:
     return frozenset(out)
 
 
-class BreakerMetrics:
+class BreakerMetrics(PerRegistry):
     """The breaker metric family in one registry (created once, keyed weakly)."""
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, BreakerMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.state = Gauge(
@@ -215,16 +209,6 @@ class BreakerMetrics:
             ["service", "state"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> BreakerMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 class _AttemptFailed(Exception):

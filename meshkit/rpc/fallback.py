@@ -25,15 +25,14 @@ failure, and only the caller sees the fallback.
 from __future__ import annotations
 
 import inspect
-import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
+from .._metrics import PerRegistry
 from ..errors import MeshkitError, StatusCode
 from .context import CallContext
 from .pipeline import Next
@@ -55,13 +54,8 @@ DEFAULT_FALLBACK_CODES: frozenset[StatusCode] = frozenset(
 FallbackFn = Callable[[CallContext, MeshkitError], Any | Awaitable[Any]]
 
 
-class FallbackMetrics:
+class FallbackMetrics(PerRegistry):
     """``meshkit_rpc_client_fallbacks_total{service,method,code}`` in one registry."""
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, FallbackMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.fallbacks = Counter(
@@ -71,16 +65,6 @@ class FallbackMetrics:
             ["service", "method", "code"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> FallbackMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 class Fallback:

@@ -49,15 +49,14 @@ import asyncio
 import dataclasses
 import functools
 import math
-import threading
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
+from .._metrics import PerRegistry
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, MeshkitError
 from .context import TIMEOUT_KEY, CallContext
 from .pipeline import Next
@@ -142,17 +141,12 @@ class LatencyWindow:
         return data[min(n - 1, max(0, math.ceil(q * n) - 1))]
 
 
-class HedgeMetrics:
+class HedgeMetrics(PerRegistry):
     """``meshkit_rpc_client_hedges_total{service,method,outcome}`` in one registry.
 
     ``outcome``: ``sent`` (a hedge left), ``won`` (a hedge gave the answer),
     ``budget_exhausted`` (a hedge was due but the retry budget had none).
     """
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, HedgeMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.hedges = Counter(
@@ -162,16 +156,6 @@ class HedgeMetrics:
             ["service", "method", "outcome"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> HedgeMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 class Hedge:

@@ -51,15 +51,14 @@ Not thread-safe: use one object from one event loop.
 from __future__ import annotations
 
 import math
-import threading
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .._metrics import PerRegistry
 from ..errors import DeadlineExceeded, InvalidArgument, StatusCode
 from .breaker import DEFAULT_FAILURE_CODES, Outcome, classify, status_codes
 from .context import CallContext
@@ -76,13 +75,8 @@ _SUCCESS = Outcome.SUCCESS
 _IGNORED = Outcome.IGNORED
 
 
-class OutlierMetrics:
+class OutlierMetrics(PerRegistry):
     """The outlier-ejection metric family in one registry (created once, keyed weakly)."""
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, OutlierMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.ejected = Gauge(
@@ -97,16 +91,6 @@ class OutlierMetrics:
             ["service", "reason"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> OutlierMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 _Key = tuple[str, int]

@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
+from .._metrics import PerRegistry
 from ..errors import InvalidArgument, MeshkitError, StatusCode
 from .connection import ConnectionUnavailable
 from .context import TIMEOUT_KEY, CallContext
@@ -168,18 +167,13 @@ class RetryBudget:
         )
 
 
-class RetryMetrics:
+class RetryMetrics(PerRegistry):
     """``meshkit_rpc_client_retries_total{service,method,outcome}`` in one registry.
 
     ``outcome`` is ``retried`` (a retry was sent) or ``budget_exhausted`` (the
     policy allowed a retry but the budget had none; the error went to the caller).
     Created once per registry (keyed weakly, like :class:`~meshkit.rpc.metrics.RpcMetrics`).
     """
-
-    _lock = threading.Lock()
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, RetryMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.retries = Counter(
@@ -188,16 +182,6 @@ class RetryMetrics:
             ["service", "method", "outcome"],
             registry=registry,
         )
-
-    @classmethod
-    def get(cls, registry: CollectorRegistry | None = None) -> RetryMetrics:
-        """The shared instance for ``registry`` (default: the global one)."""
-        registry = REGISTRY if registry is None else registry
-        with cls._lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry)
-            return metrics
 
 
 @dataclass(slots=True)
