@@ -304,13 +304,12 @@ async def test_killed_process_goes_critical_and_leaves_the_passing_results(
         try:
             assert ids(await reg.resolve(service_name)) == [f"{service_name}-doomed"]
             await kill(proc)
-            killed = time.monotonic()
 
             async def gone() -> bool:
                 return await reg.resolve(service_name) == []
 
-            await wait_until(gone, "the killed instance to leave ?passing results")
-            assert time.monotonic() - killed < 5.0
+            # Within a few TTLs of the kill, not after the reaper's minute.
+            await wait_until(gone, "the killed instance to leave ?passing results", limit=5.0)
         finally:
             await reg.close()
         # Still in the catalog (DeregisterCriticalServiceAfter is 1m), but critical.
@@ -366,12 +365,10 @@ async def test_watch_follows_adds_and_removes_through_blocking_queries(
         ):
             pending = asyncio.ensure_future(anext(watch))
             await asyncio.sleep(0.3)  # the watch is now blocked on the current index
-            started = time.monotonic()
             await change
-            snapshot = await asyncio.wait_for(pending, 5)
+            # Well before the 5 s wait ends: the blocked query returned on the change.
+            snapshot = await asyncio.wait_for(pending, 2.0)
             assert snapshot == expected
-            # Far quicker than the 5 s wait: the blocked query returned on the change.
-            assert time.monotonic() - started < 2.0
             snapshots.append(snapshot)
         assert all(x != y for x, y in itertools.pairwise(snapshots))
     finally:
@@ -726,11 +723,9 @@ async def test_close_withdraws_own_registrations_and_ends_watches(
     assert await anext(watch) == [a, b]
     pending = asyncio.ensure_future(anext(watch))
     await asyncio.sleep(0.2)  # blocked on a 30 s query
-    started = time.monotonic()
     await reg.close()
     with pytest.raises(StopAsyncIteration):
-        await asyncio.wait_for(pending, 5)
-    assert time.monotonic() - started < 3.0
+        await asyncio.wait_for(pending, 3.0)  # ends at once, not after the 30 s query
     await reg.close()  # idempotent
     status, entries, _ = await agent(consul_addr, "GET", f"/v1/health/service/{service_name}")
     assert (status, entries) == (200, [])
@@ -912,12 +907,11 @@ async def test_contract_blocking_query_holds_until_a_change_or_the_wait(
     query = asyncio.ensure_future(agent(consul_addr, "GET", path, index=str(index), wait="10s"))
     await asyncio.sleep(0.3)
     assert not query.done()
-    started = time.monotonic()
     body = {"ID": sid, "Name": service_name, "Port": 7000, "Check": {"TTL": "10s"}}
     try:
         await agent(consul_addr, "PUT", "/v1/agent/service/register", body)
-        status, entries, headers = await asyncio.wait_for(query, 5)
-        assert time.monotonic() - started < 2.0
+        # Released by the change, well before its own wait ends.
+        status, entries, headers = await asyncio.wait_for(query, 2.0)
         assert int(headers["X-Consul-Index"]) > index
         assert [e["Service"]["ID"] for e in entries] == [sid]
     finally:
