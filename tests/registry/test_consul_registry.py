@@ -22,7 +22,7 @@ import socket
 import sys
 import textwrap
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,7 @@ from consul_double import ConsulDouble
 from echo_support import EchoImpl, echo_thrift
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from waiting import wait_until
 
 from meshkit import Client, Service
 from meshkit.errors import ConfigError, InvalidArgument, Unavailable
@@ -105,21 +106,6 @@ async def make_registry(consul_addr: str) -> AsyncIterator[RegistryFactory]:
     yield make
     for registry in made:
         await registry.close()
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], what: str, limit: float = DEADLINE
-) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {limit}s waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 def inst(service: str, suffix: str = "1", port: int = 9000, **kw: Any) -> Instance:

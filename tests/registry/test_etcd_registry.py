@@ -24,6 +24,7 @@ from echo_support import ROOT, EchoImpl, echo_thrift
 from etcd_server import EtcdServer, EtcdServerError, free_port
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from waiting import wait_until as _wait_until
 
 from meshkit import Client, Service
 from meshkit.errors import ConfigError, Unavailable
@@ -36,17 +37,7 @@ DEADLINE = 15.0
 async def wait_until(
     condition: Callable[[], bool | Awaitable[bool]], what: str, limit: float = DEADLINE
 ) -> float:
-    """Poll ``condition``; returns the seconds it took (fails the test after ``limit``)."""
-    start = time.monotonic()
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > limit:
-            pytest.fail(f"timed out after {limit}s waiting for: {what}")
-        await asyncio.sleep(0.02)
+    return await _wait_until(condition, what, limit)
 
 
 def inst(instance_id: str, port: int = 9000, service: str = "echo", **kw: Any) -> Instance:

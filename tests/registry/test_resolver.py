@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from waiting import wait_until
 
 from meshkit.errors import Unavailable
 from meshkit.registry import Instance, LocalRegistry, RegistryResolver
 from meshkit.rpc.endpoint import Endpoint, Resolver
 
 DEADLINE = 10.0
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], what: str, limit: float = DEADLINE
-) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {limit}s waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 class FlakyRegistry(LocalRegistry):
