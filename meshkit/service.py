@@ -323,6 +323,7 @@ class Service:
                     "service": client.name,
                     "instances": len(client.resolver.endpoints()),
                     "stale": bool(getattr(client.resolver, "stale", False)),
+                    **client.policy_state(),
                 }
                 for client in self._clients
             ],
