@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP)
 
-# System packages the tests use (Debian): the Apache Thrift compiler for interop tests,
-# Chromium for the trace viewer's browser tests.
+# System packages the tests use (Debian): the Apache Thrift compiler for interop tests.
 sysdeps:
 	@bash scripts/install-sysdeps.sh
 

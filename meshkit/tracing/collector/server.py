@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gzip
 import json
 import signal
-import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -166,18 +164,15 @@ class Collector:
                 actual_size=request.content_length or 0,
                 reason=f"expected at most {self.max_body} bytes of OTLP",
             ) from None
+        # aiohttp has already inflated gzip/deflate bodies; a body that does not inflate
+        # comes out empty, which would pass for an empty (valid) request.
         encoding = request.headers.get("Content-Encoding", "").lower()
-        try:
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
-            elif encoding not in ("", "identity"):
-                raise web.HTTPUnsupportedMediaType(
-                    reason=f"expected Content-Encoding gzip, deflate or none, found {encoding!r}"
-                )
-        except (OSError, zlib.error, EOFError) as exc:
-            raise web.HTTPBadRequest(reason=f"could not decompress the body: {exc}") from None
+        if encoding not in ("", "identity", "gzip", "deflate"):
+            raise web.HTTPUnsupportedMediaType(
+                reason=f"expected Content-Encoding gzip, deflate or none, found {encoding!r}"
+            )
+        if encoding in ("gzip", "deflate") and not body and (request.content_length or 0) > 0:
+            raise web.HTTPBadRequest(reason=f"could not decompress the {encoding} body")
         as_json = kind == "application/json"
         try:
             decoded: Decoded = decode_json(body) if as_json else decode_protobuf(body)
