@@ -169,9 +169,9 @@ def build_provider(
     if exporter is None:
         if not settings.endpoint:
             raise ConfigError(f"no trace endpoint: set {ENDPOINT_ENV} or pass an exporter")
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from .otlp_encode import OtlpHttpExporter
 
-        exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=5)
+        exporter = OtlpHttpExporter(settings.endpoint, timeout=5.0)
     attributes: dict[str, str | int] = {
         "service.name": service or _service_name(),
         "host.name": socket.gethostname(),
