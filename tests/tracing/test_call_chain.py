@@ -20,7 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
-from tracing_support import flushed, get_json
+from tracing_support import flushed, get_json, get_trace
 
 from meshkit import Client, Service, SyncClient, Unavailable
 from meshkit.tracing.collector import Collector
@@ -163,7 +163,7 @@ async def test_three_services_one_trace_continuing_an_otel_sdk_caller(
     user.shutdown()
     await flushed(collector)
 
-    status, body = await get_json(f"{collector.url}/api/traces/{trace_id}")
+    status, body = await get_trace(collector.url, trace_id)
     assert status == 200, body
     spans = body["spans"]
     by_id = {s["span_id"]: s for s in spans}

@@ -18,6 +18,7 @@ from tracing_support import (
     fan_out_trace,
     flushed,
     get_json,
+    get_trace,
     otlp_json_request,
     otlp_json_span,
     post_json,
@@ -72,7 +73,7 @@ async def test_json_ingest_search_trace_deps_and_compare(collector: Collector) -
         assert status == 200, (query, found)
         assert [t["trace_id"] for t in found["traces"]] == expected, query
 
-    status, trace = await get_json(f"{collector.url}/api/traces/{TRACE_A.upper()}")
+    status, trace = await get_trace(collector.url, TRACE_A.upper())
     assert status == 200
     assert trace["span_count"] == 4 and trace["duration_us"] == 50_000
     assert trace["critical_path"] == [f"{i:016x}" for i in (1, 3, 4)]
@@ -115,12 +116,12 @@ async def test_protobuf_from_the_sdk_exporter_and_gzip(collector: Collector) -> 
     trace_id = await asyncio.to_thread(produce)
     await asyncio.to_thread(provider.shutdown)
     await flushed(collector)
-    _, trace = await get_json(f"{collector.url}/api/traces/{trace_id}")
+    _, trace = await get_trace(collector.url, trace_id)
     spans = {s["name"]: s for s in trace["spans"]}
     assert spans["child"]["parent_id"] == spans["parent"]["span_id"]
     assert spans["child"]["attrs"] == {"n": 3, "ok": True}
     assert spans["parent"]["service"] == "pb-app"
-    assert spans["parent"]["resource"]["service.name"] == "pb-app"
+    assert trace["resources"][spans["parent"]["resource"]]["service.name"] == "pb-app"
 
 
 async def test_bad_input_is_refused_clearly_and_keeps_the_good_spans(
@@ -154,7 +155,7 @@ async def test_bad_input_is_refused_clearly_and_keeps_the_good_spans(
     assert "spans[1]" in body["partialSuccess"]["errorMessage"]
     assert "traceId" in body["partialSuccess"]["errorMessage"]
     await flushed(collector)
-    _, trace = await get_json(f"{collector.url}/api/traces/{TRACE_A}")
+    _, trace = await get_trace(collector.url, TRACE_A)
     assert [s["name"] for s in trace["spans"]] == ["ok"]
 
     for path, status_expected, word in [

@@ -15,6 +15,15 @@ async def get_json(url: str) -> tuple[int, Any]:
         return resp.status, await resp.json(content_type=None)
 
 
+async def get_trace(base_url: str, trace_id: str) -> tuple[int, Any]:
+    """``GET /api/traces/{id}`` with each span's attrs/events/links merged into it."""
+    status, body = await get_json(f"{base_url}/api/traces/{trace_id}")
+    if status == 200:
+        for i, span in enumerate(body["spans"]):
+            span.update(attrs=body["attrs"][i], events=body["events"][i], links=body["links"][i])
+    return status, body
+
+
 async def flushed(collector: Collector) -> None:
     """Wait until everything the collector accepted is queryable."""
     ok = await asyncio.get_running_loop().run_in_executor(None, collector.store.flush, 10.0)

@@ -19,11 +19,13 @@ from typing import Any
 from .store import SpanStore
 
 __all__ = [
+    "QueryError",
     "SearchQuery",
     "compare",
     "critical_path",
     "dependencies",
     "get_trace",
+    "get_trace_json",
     "search",
     "self_times",
     "services",
@@ -196,28 +198,27 @@ def critical_path(spans: Sequence[dict[str, Any]]) -> list[str]:
     """
     if not spans:
         return []
-    by_id = {s["span_id"]: s for s in spans}
+    start = {s["span_id"]: s["start_ns"] for s in spans}
+    end = {s["span_id"]: s["start_ns"] + s["duration_ns"] for s in spans}
     roots, kids = _children(spans)
-
-    def end(sid: str) -> int:
-        return int(by_id[sid]["start_ns"] + by_id[sid]["duration_ns"])
-
     path: list[str] = []
-    root = max(roots, key=lambda sid: by_id[sid]["duration_ns"])
-    stack: list[tuple[str, int]] = [(root, end(root))]
+    root = max(roots, key=lambda sid: end[sid] - start[sid])
+    stack: list[tuple[str, int]] = [(root, end[root])]
     while stack:
         sid, cut = stack.pop()
         path.append(sid)
-        start = by_id[sid]["start_ns"]
-        cursor = min(end(sid), cut)
+        begin = start[sid]
+        cursor = min(end[sid], cut)
         chosen: list[tuple[str, int]] = []
-        for child in sorted(kids.get(sid, ()), key=end, reverse=True):
-            if cursor <= start:
-                break
-            if by_id[child]["start_ns"] >= cursor:
-                continue  # starts after the cursor: not what the parent waited on last
-            chosen.append((child, cursor))
-            cursor = by_id[child]["start_ns"]
+        children = kids.get(sid)
+        if children:
+            for child in sorted(children, key=end.__getitem__, reverse=True):
+                if cursor <= begin:
+                    break
+                if start[child] >= cursor:
+                    continue  # starts after the cursor: not what the parent waited on last
+                chosen.append((child, cursor))
+                cursor = start[child]
         # Depth first, earliest chosen child first, so the path reads in time order.
         stack.extend(chosen)
     return path
@@ -225,51 +226,64 @@ def critical_path(spans: Sequence[dict[str, Any]]) -> list[str]:
 
 def self_times(spans: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Per span: its duration minus the time covered by its children (ns)."""
-    by_id = {s["span_id"]: s for s in spans}
+    start = {s["span_id"]: s["start_ns"] for s in spans}
+    end = {s["span_id"]: s["start_ns"] + s["duration_ns"] for s in spans}
     _, kids = _children(spans)
     out: dict[str, int] = {}
-    for s in spans:
-        start = s["start_ns"]
-        end = start + s["duration_ns"]
-        intervals = sorted(
-            (
-                max(start, by_id[c]["start_ns"]),
-                min(end, by_id[c]["start_ns"] + by_id[c]["duration_ns"]),
-            )
-            for c in kids.get(s["span_id"], ())
-        )
+    for sid, s0 in start.items():
+        s1 = end[sid]
+        children = kids.get(sid)
+        if not children:
+            out[sid] = s1 - s0
+            continue
         covered = 0
-        cur_s, cur_e = None, None
-        for a, b in intervals:
+        cur_s = cur_e = None
+        for a, b in sorted((max(s0, start[c]), min(s1, end[c])) for c in children):
             if b <= a:
                 continue
             if cur_e is None or a > cur_e:
                 if cur_e is not None and cur_s is not None:
                     covered += cur_e - cur_s
                 cur_s, cur_e = a, b
-            else:
-                cur_e = max(cur_e, b)
+            elif b > cur_e:
+                cur_e = b
         if cur_e is not None and cur_s is not None:
             covered += cur_e - cur_s
-        out[s["span_id"]] = max(0, s["duration_ns"] - covered)
+        out[sid] = max(0, s1 - s0 - covered)
     return out
-
-
-_SPAN_COLUMNS = (
-    "span_id, parent_id, service, name, kind, start_ns, duration_ns, error, status, kept, "
-    "attrs, events, links, resource"
-)
 
 
 def _load(store: SpanStore, trace_id: str) -> list[dict[str, Any]]:
     rows = store.query(
-        f"SELECT {_SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns", [trace_id]
+        "SELECT span_id, parent_id, service, name, kind, start_ns, duration_ns, error, status, "
+        "kept, json_extract(attrs, '$.\"meshkit.deadline_ms\"') AS deadline, attrs, events, "
+        "links, resource FROM spans WHERE trace_id = ? ORDER BY start_ns",
+        [trace_id],
     )
     return [dict(r) for r in rows]
 
 
 def get_trace(store: SpanStore, trace_id: str) -> dict[str, Any] | None:
-    """One trace with its spans, critical path, per-service self time and MQ links."""
+    """One trace with its spans, critical path, per-service self time and MQ links.
+
+    Each span has ``attrs``, ``events`` and ``links``; its ``resource`` is an index into
+    the answer's ``resources`` list (a process's resource is shared by all its spans).
+    """
+    text = get_trace_json(store, trace_id)
+    if text is None:
+        return None
+    trace = json.loads(text)
+    for span, attrs, events, links in zip(
+        trace["spans"], trace.pop("attrs"), trace.pop("events"), trace.pop("links"), strict=True
+    ):
+        span.update(attrs=attrs, events=events, links=links)
+    return trace
+
+
+def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
+    """The API's form of :func:`get_trace`: span attributes, events and links come as
+    lists parallel to ``spans`` (``attrs[i]`` belongs to ``spans[i]``), spliced in from
+    the stored JSON without parsing it, so a 10k-span trace is answered quickly."""
     trace_id = trace_id.lower()
     rows = _load(store, trace_id)
     if not rows:
@@ -278,36 +292,45 @@ def get_trace(store: SpanStore, trace_id: str) -> dict[str, Any] | None:
     t1 = max(r["start_ns"] + r["duration_ns"] for r in rows)
     path = critical_path(rows)
     selfs = self_times(rows)
-    breakdown: dict[str, dict[str, Any]] = defaultdict(lambda: {"self_us": 0.0, "spans": 0})
-    spans = []
+    breakdown: dict[str, list[float]] = {}
+    resources: dict[str, int] = {}
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+    heads = []
+    events_json = []
     for r in rows:
-        attrs = json.loads(r["attrs"])
-        entry = breakdown[r["service"]]
-        entry["self_us"] += selfs[r["span_id"]] / 1000
-        entry["spans"] += 1
-        deadline = attrs.get("meshkit.deadline_ms")
-        events = json.loads(r["events"])
-        spans.append(
+        sid = r["span_id"]
+        self_us = selfs[sid] / 1000
+        entry = breakdown.get(r["service"])
+        if entry is None:
+            entry = breakdown[r["service"]] = [0.0, 0]
+        entry[0] += self_us
+        entry[1] += 1
+        events = r["events"]
+        if events != "[]":
+            events = dumps(
+                [
+                    {"name": e.get("name", ""), "attrs": e.get("attrs", {}),
+                     "at_us": (int(e.get("time_ns") or t0) - t0) / 1000}
+                    for e in json.loads(events)
+                ]
+            )  # fmt: skip
+        events_json.append(events)
+        deadline = r["deadline"]
+        heads.append(
             {
-                "span_id": r["span_id"],
+                "span_id": sid,
                 "parent_id": r["parent_id"],
                 "service": r["service"],
                 "name": r["name"],
                 "kind": r["kind"],
                 "start_us": (r["start_ns"] - t0) / 1000,
                 "duration_us": r["duration_ns"] / 1000,
-                "self_us": selfs[r["span_id"]] / 1000,
+                "self_us": self_us,
                 "error": bool(r["error"]),
                 "status": r["status"],
                 "kept": r["kept"],
                 "deadline_ms": deadline if isinstance(deadline, (int, float)) else None,
-                "attrs": attrs,
-                "events": [
-                    {**e, "at_us": (e.get("time_ns", t0) - t0) / 1000, "time_ns": None}
-                    for e in events
-                ],
-                "links": json.loads(r["links"]),
-                "resource": json.loads(r["resource"]),
+                "resource": resources.setdefault(r["resource"], len(resources)),
             }
         )
     linked_from = [
@@ -318,23 +341,25 @@ def get_trace(store: SpanStore, trace_id: str) -> dict[str, Any] | None:
             [trace_id, trace_id],
         )
     ]
-    total = (t1 - t0) / 1000
-    return {
+    by_time = sorted(breakdown.items(), key=lambda kv: -kv[1][0])
+    summary = {
         "trace_id": trace_id,
         "start_ns": str(t0),
-        "duration_us": total,
-        "span_count": len(spans),
-        "services": sorted(
-            (
-                {"service": k, "self_us": v["self_us"], "spans": v["spans"]}
-                for k, v in breakdown.items()
-            ),
-            key=lambda e: -e["self_us"],
-        ),
+        "duration_us": (t1 - t0) / 1000,
+        "span_count": len(rows),
+        "services": [{"service": k, "self_us": v[0], "spans": v[1]} for k, v in by_time],
         "critical_path": path,
         "linked_from": linked_from,
-        "spans": spans,
+        "spans": heads,
     }
+    head = dumps(summary)
+    return (
+        f"{head[:-1]},"
+        f'"resources":[{",".join(resources)}],'
+        f'"attrs":[{",".join(r["attrs"] for r in rows)}],'
+        f'"events":[{",".join(events_json)}],'
+        f'"links":[{",".join(r["links"] for r in rows)}]}}'
+    )
 
 
 # -- dependencies ---------------------------------------------------------------------

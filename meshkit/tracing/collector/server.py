@@ -213,10 +213,12 @@ class Collector:
         trace_id = request.match_info["trace_id"]
         if len(trace_id) != 32 or not all(c in "0123456789abcdefABCDEF" for c in trace_id):
             raise queries.QueryError(f"expected a trace id of 32 hex digits, found {trace_id!r}")
-        result = await self._run(queries.get_trace, self.store, trace_id)
-        if result is None:
+        text = await self._run(queries.get_trace_json, self.store, trace_id)
+        if text is None:
             raise web.HTTPNotFound(reason=f"no trace {trace_id} in the store")
-        return _json(result)
+        return web.Response(
+            text=text, content_type="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     async def _dependencies(self, request: web.Request) -> web.Response:
         window = queries._num(request.query, "window_s")

@@ -82,6 +82,10 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    # Index inserts land at random places (trace ids are random): a large page cache keeps
+    # them in memory between commits.
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 
@@ -182,7 +186,11 @@ class SpanStore:
     def _write(self, batch: Sequence[SpanRow]) -> None:
         rows = []
         links = []
+        resources: dict[int, str] = {}  # one JSON text per resource (shared by its spans)
         for s in batch:
+            resource = resources.get(id(s.resource))
+            if resource is None:
+                resource = resources[id(s.resource)] = _dumps(s.resource)
             rows.append(
                 (
                     s.trace_id,
@@ -200,7 +208,7 @@ class SpanStore:
                     _dumps(s.attrs),
                     _dumps(s.events) if s.events else "[]",
                     _dumps(s.links) if s.links else "[]",
-                    _dumps(s.resource),
+                    resource,
                 )
             )
             for link in s.links:

@@ -213,13 +213,19 @@
           link.attrs && Object.keys(link.attrs).length ? kv(link.attrs) : null));
       }
     }
-    parts.push(el("h3", { text: "Resource" }), kv(span.resource));
+    parts.push(el("h3", { text: "Resource" }), kv(trace.resources[span.resource]));
     return parts;
   }
 
   async function tracePage(traceId) {
     setNav("search");
     const trace = await api("/api/traces/" + encodeURIComponent(traceId));
+    // attributes, events and links come as lists parallel to spans (see the API doc)
+    trace.spans.forEach((span, i) => {
+      span.attrs = trace.attrs[i];
+      span.events = trace.events[i];
+      span.links = trace.links[i];
+    });
     const { byId, children, roots } = buildTree(trace.spans);
     const critical = new Set(trace.critical_path);
     const collapsed = new Set();
