@@ -144,7 +144,7 @@
         el("td", { class: "num", text: fmtMs(t.duration_ms) }),
         el("td", { class: "num", text: t.spans }),
         el("td", null, ...t.services.map((s) => el("span", { class: "badge", text: s }))),
-        el("td", null, t.errors ? el("span", { class: "badge err", text: t.errors + " errors" }) : ""),
+        el("td", null, t.errors ? el("span", { class: "badge err", text: t.errors + (t.errors === 1 ? " error" : " errors") }) : ""),
         el("td", { text: fmtTime(t.start_ms) }),
         el("td", { class: "muted", text: t.trace_id }));
     });
@@ -270,8 +270,10 @@
         style: "left:" + left.toFixed(3) + "%;width:" + width.toFixed(3) + "%",
         title: span.name + " " + fmtUs(span.duration_us),
       });
+      // The duration label goes right of the bar, or left of it when the bar reaches the end.
+      const labelPos = left + width > 85 ? "right:" + (100 - left + 0.4).toFixed(2) + "%" : "left:" + (left + width + 0.4).toFixed(2) + "%";
       const track = el("div", { class: "wf-track" }, bar,
-        el("span", { class: "wf-label", style: "left:" + Math.min(92, left + width + 0.3).toFixed(2) + "%", text: fmtUs(span.duration_us) }));
+        el("span", { class: "wf-label", style: labelPos, text: fmtUs(span.duration_us) }));
       if (span.deadline_ms !== null && span.deadline_ms !== undefined) {
         const at = 100 * (span.start_us + span.deadline_ms * 1000) / total;
         if (at <= 100) track.append(el("div", { class: "wf-deadline", style: "left:" + at.toFixed(3) + "%", title: "deadline (budget " + span.deadline_ms + " ms)" }));
@@ -332,7 +334,7 @@
     const toolbar = el("p", null,
       el("button", { class: "secondary", type: "button", id: "expand-all", text: "Expand all", onclick: () => { collapsed.clear(); flatten(); paint(true); } }), " ",
       el("button", { class: "secondary", type: "button", id: "collapse-all", text: "Collapse all", onclick: () => { for (const id of children.keys()) collapsed.add(id); flatten(); paint(true); } }));
-    app.replaceChildren(
+    app.replaceChildren(...[
       el("h2", { id: "trace-title", text: "Trace " + trace.trace_id }),
       el("div", { class: "summary" },
         el("span", null, "Duration ", el("b", { text: fmtUs(trace.duration_us) })),
@@ -343,7 +345,8 @@
       el("p", { class: "legend" }, el("span", null, el("i", { style: "background:#f08c00" }), "critical path"),
         el("span", null, el("i", { style: "background:#d92d20" }), "error"), el("span", null, el("i", { style: "background:#7a1fa2" }), "deadline")),
       linkedFrom, toolbar,
-      el("div", { class: "cols" }, el("div", { class: "main" }, pane, el("h3", { text: "Time per service (self time)" }), breakdown), side));
+      el("div", { class: "cols" }, el("div", { class: "main" }, pane, el("h3", { text: "Time per service (self time)" }), breakdown), side),
+    ].filter(Boolean));
     flatten();
     paint(true);
     window.__meshkitRendered = trace.trace_id;
@@ -373,7 +376,7 @@
       if (!columns.has(l)) columns.set(l, []);
       columns.get(l).push(n);
     }
-    const colW = 260, rowH = 90, boxW = 150, boxH = 34;
+    const colW = 330, rowH = 90, boxW = 150, boxH = 34;
     const pos = new Map();
     let height = 120;
     for (const [l, names] of columns) {
@@ -390,9 +393,12 @@
     for (const e of data.edges) {
       const [x1, y1] = pos.get(e.caller), [x2, y2] = pos.get(e.callee);
       const line = svgEl("line", { x1: x1 + boxW, y1: y1 + boxH / 2, x2: x2, y2: y2 + boxH / 2, stroke: e.error_rate > 0.01 ? "#d92d20" : "#6b7385", "stroke-width": 1.5, "marker-end": "url(#arrow)" });
-      const label = svgEl("text", { x: (x1 + boxW + x2) / 2 - 40, y: (y1 + y2) / 2 + boxH / 2 - 6 });
-      label.textContent = e.calls_per_s.toFixed(2) + "/s · " + (100 * e.error_rate).toFixed(1) + "% err · p99 " + e.p99_ms.toFixed(1) + "ms";
-      svg.append(line, label);
+      const mx = (x1 + boxW + x2) / 2, my = (y1 + y2) / 2 + boxH / 2;
+      const label = svgEl("text", { x: mx, y: my - 18, "text-anchor": "middle" });
+      label.textContent = e.calls_per_s.toFixed(2) + "/s · " + (100 * e.error_rate).toFixed(1) + "% err";
+      const p99 = svgEl("text", { x: mx, y: my - 5, "text-anchor": "middle" });
+      p99.textContent = "p99 " + e.p99_ms.toFixed(1) + " ms";
+      svg.append(line, label, p99);
     }
     for (const n of data.nodes) {
       const [x, y] = pos.get(n);
