@@ -791,5 +791,11 @@ def demo(calls: int | None, concurrency: int, duration: float | None, keep_runni
     sys.exit(code)
 
 
+# -- meshkit traces (the bundled trace collector; see cli_traces.py) --------------------
+from .cli_traces import traces as _traces  # noqa: E402
+
+cli.add_command(_traces)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -57,6 +57,7 @@ DRAIN_TIMEOUT = 3.0  # MESHKIT_DRAIN_TIMEOUT of the children
 CALL_TIMEOUT = 2.0
 DEFAULT_DURATION = 3.0
 LOG_TAIL_LINES = 25
+TRACES_PORT = 4318  # the bundled trace collector's usual port (OTLP/HTTP's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,9 @@ class Demo:
         self.err = err if err is not None else sys.stderr
         self.sigterm = False
         self._last_shown = -1
+        # tracing: the bundled collector the services export to (see start_collector)
+        self.collector: Any = None
+        self.trace_store: Any = None
 
     # -- output ----------------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class Demo:
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         code = 0
         try:
+            await self.start_collector()
             self.spawn()
             await self.wait_ready()
             stats = await self.drive()
@@ -220,11 +225,36 @@ class Demo:
                 raise  # asyncio.Runner turns it into KeyboardInterrupt: exit 130
         finally:
             stop_ok = await self.stop_all()
+            await self.stop_collector()
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGTERM)
         if not stop_ok and code == 0:
             code = 1
         return code
+
+    # -- tracing: the bundled collector -------------------------------------------------
+
+    async def start_collector(self) -> None:
+        """Serve the trace collector and viewer on 127.0.0.1:4318 (a free port if taken)."""
+        from .tracing.collector import Collector, SpanStore
+
+        self.trace_store = SpanStore(self.workdir / "traces.db", max_age=None)
+        for port in (TRACES_PORT, 0):
+            collector = Collector(self.trace_store, port=port)
+            try:
+                await collector.start()
+            except OSError:
+                continue
+            self.collector = collector
+            return
+
+    async def stop_collector(self) -> None:
+        if self.collector is not None:
+            await self.collector.stop()
+            self.collector = None
+        if self.trace_store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.trace_store.close)
+            self.trace_store = None
 
     # -- starting ----------------------------------------------------------------------
 
@@ -248,6 +278,8 @@ class Demo:
             MESHKIT_DEMO_PARENT_PID=str(os.getpid()),
             PYTHONUNBUFFERED="1",
         )
+        if self.collector is not None:  # tracing: every service exports its spans to the demo
+            env["MESHKIT_TRACES"] = self.collector.url
         # Import this very meshkit in the children, installed or not.
         root = _package_root()
         path = env.get("PYTHONPATH", "")
@@ -458,6 +490,9 @@ class Demo:
             say(f"  {'':<{width}}  ready    {base}/health/ready")
             say(f"  {'':<{width}}  metrics  {base}/metrics")
             say(f"  {'':<{width}}  info     {base}/info")
+        if self.collector is not None:
+            url = self.collector.url
+            say(f"  traces     {url}/   (trace viewer; MESHKIT_TRACES={url})")
         say(f"  registry   {self.registry_dir}   (MESHKIT_REGISTRY={self.registry_url})")
         say(f"  logs       {self.log_dir}")
         say("")

@@ -34,6 +34,9 @@ from .rpc.pipeline import Middleware
 from .rpc.server import RpcServer
 from .rpc.tracing import TracerHook
 from .settings import Settings, parse_tags
+from .tracing.logcontext import add_trace_context
+from .tracing.provider import flush as flush_traces
+from .tracing.provider import set_identity as tracing_identity
 
 T = TypeVar("T")
 
@@ -156,6 +159,7 @@ class Service:
         settings.validate()
         self.settings = settings
         set_process_service(self.name)
+        tracing_identity(service=self.name)  # tracing: names the spans' service
         self.state.set_phase(Phase.STARTING)
         self.server = RpcServer(
             self.service,
@@ -194,6 +198,7 @@ class Service:
             tags=self.tags,
             start_time=self.started_at,
         )
+        tracing_identity(service=self.name, instance=self.instance.instance_id)  # tracing
         self.state.set_phase(Phase.SERVING)
         if self._registry_arg is not None:
             if isinstance(self._registry_arg, Registry):
@@ -249,6 +254,8 @@ class Service:
                 log.warning("closing a client failed", service=self.name, error=str(exc))
         if self.health is not None:
             await self.health.stop()
+        # tracing: export the spans of the last calls before the process goes away.
+        await asyncio.get_running_loop().run_in_executor(None, flush_traces)
         if self.loop_monitor is not None:
             await self.loop_monitor.stop()
         if self.registry is not None and self._owns_registry:
@@ -278,7 +285,7 @@ class Service:
         """
         from .logs import configure_logging
 
-        configure_logging(service=self.name)
+        configure_logging(service=self.name, processors=[add_trace_context])
         _loop.run(self._run_with_signals())
 
     async def _run_with_signals(self) -> None:

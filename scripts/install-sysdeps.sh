@@ -4,6 +4,8 @@ set -euo pipefail
 
 need=()
 command -v thrift >/dev/null 2>&1 || need+=(thrift-compiler)
+# tracing: the trace viewer's browser tests drive Debian's Chromium through Playwright
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 [ ${#need[@]} -eq 0 ] && exit 0
 

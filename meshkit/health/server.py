@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from ..tracing.http import trace_context_middleware
 from .loopmon import LoopMonitor
 from .state import HealthState
 
@@ -129,7 +130,8 @@ class HealthServer:
         self._executor: ThreadPoolExecutor | None = None
 
     def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors])
+        # trace_context_middleware: a request with traceparent continues its caller's trace.
+        app = web.Application(middlewares=[_json_errors, trace_context_middleware])
         app.router.add_get("/health/live", self._live)
         app.router.add_get("/health/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)

@@ -38,7 +38,7 @@ from .pipeline import Middleware, Pipeline
 from .retry import Retry, RetryPolicy
 from .route import RoutingTable
 from .theader import ProtocolId
-from .tracing import TracerHook, Tracing
+from .tracing import AttemptTracing, TracerHook, Tracing
 from .transport import Transport
 from .zone import ZonePreference
 
@@ -180,6 +180,7 @@ class RpcClient:
                     )
                 )
             middlewares.append(Pick(resolver, balancer, selectors=chosen, observers=watchers))
+            middlewares.append(AttemptTracing(tracer))  # retries/hedges as child spans
         protocol_id = ProtocolId.BINARY if protocol == "binary" else ProtocolId.COMPACT
         self.pipeline = Pipeline(
             middlewares, Transport(self.pool, self.specs, protocol_id), terminal_name="transport"

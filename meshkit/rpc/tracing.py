@@ -46,3 +46,29 @@ class Tracing:
             raise
         self.hook.end(handle, ctx, None)
         return result
+
+
+class AttemptTracing:
+    """Run the hook's optional ``start_attempt`` around retries and hedges (attempt ≥ 1).
+
+    Placed after the pick stage; attempt 0 passes straight through (it travels on the
+    span opened by :class:`Tracing`), so the common call pays one await.
+    """
+
+    name = "attempt-tracing"
+
+    def __init__(self, hook: TracerHook) -> None:
+        self.hook = hook
+        self._start = getattr(hook, "start_attempt", None)
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        if ctx.attempt == 0 or self._start is None:
+            return await call_next(ctx)
+        handle = self._start(ctx)
+        try:
+            result = await call_next(ctx)
+        except BaseException as exc:
+            self.hook.end(handle, ctx, exc)
+            raise
+        self.hook.end(handle, ctx, None)
+        return result

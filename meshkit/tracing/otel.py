@@ -1,8 +1,27 @@
 """The OpenTelemetry tracer hook for the RPC pipeline.
 
-Spans are created through ``opentelemetry-api``: when no SDK is installed they
-are non-recording and nearly free, yet a caller's ``traceparent`` is still
-carried on to the next hop, so a trace is never broken by a meshkit service.
+Spans are created through ``opentelemetry-api``: when no SDK is installed they are
+non-recording and nearly free, yet a caller's ``traceparent`` is still carried on to the
+next hop, so a trace is never broken by a meshkit service. When ``MESHKIT_TRACES`` is set
+and the application installed no provider, the first call installs meshkit's
+(:func:`meshkit.tracing.provider.setup_tracing`).
+
+Spans of one call:
+
+* client: one ``CLIENT`` span per logical call (``<service>/<method>``), covering the
+  retries and hedges; attempt 0 travels on it. Every later attempt (a retry or a hedge)
+  is a ``CLIENT`` child span of it (``<service>/<method> retry 1``, ``… hedge 1``) whose
+  context is the one sent on the wire, so the server span of each attempt hangs under
+  the attempt that sent it;
+* server: one ``SERVER`` span, child of the caller's span from ``traceparent``.
+
+Attributes: ``rpc.system``/``rpc.service``/``rpc.method``, ``meshkit.service`` (the
+local service: the caller on the client, the callee on the server), ``net.peer.name``,
+``meshkit.instance`` (the instance called, on the client; this instance, on the server),
+``meshkit.status_code`` (``OK`` or the meshkit status), ``meshkit.attempt`` /
+``meshkit.attempts``, ``meshkit.route`` (gray-release decision), ``meshkit.zone``,
+``meshkit.hedged``, ``meshkit.deadline_ms`` (budget left when the span started),
+``meshkit.app_error`` (an IDL exception).
 """
 
 from __future__ import annotations
@@ -15,6 +34,21 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..errors import MeshkitError
+from . import provider as _provider
+
+_CLIENT = SpanKind.CLIENT
+_SERVER = SpanKind.SERVER
+_ERROR = StatusCode.ERROR
+
+
+def _status_code(error: BaseException | None) -> str:
+    if error is None:
+        return "OK"
+    if isinstance(error, MeshkitError):
+        return str(error.code.value)
+    if type(error).__name__ == "CancelledError":
+        return "CANCELLED"
+    return "INTERNAL"
 
 
 class OTelHook:
@@ -27,20 +61,30 @@ class OTelHook:
         self._provider = tracer_provider
         self._recording_until = 0.0
         self._recording_cached = False
+        self._tracer_obj: trace.Tracer | None = None
+        self._tracer_from: object = None
 
     def _tracer(self) -> trace.Tracer:
-        # Looked up per call so a provider installed after start-up is honoured.
-        return trace.get_tracer("meshkit", tracer_provider=self._provider)
+        provider = self._provider or trace.get_tracer_provider()
+        if provider is not self._tracer_from or self._tracer_obj is None:
+            self._tracer_obj = trace.get_tracer("meshkit", tracer_provider=provider)
+            self._tracer_from = provider
+        return self._tracer_obj
 
     def _recording(self) -> bool:
         now = time.monotonic()
         if now < self._recording_until:
             return self._recording_cached
         provider = self._provider or trace.get_tracer_provider()
+        if self._provider is None and isinstance(provider, trace.ProxyTracerProvider):
+            # Tracing configured by MESHKIT_TRACES but nobody installed a provider yet.
+            provider = _provider.setup_tracing() or trace.get_tracer_provider()
         recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
         self._recording_cached = recording
         self._recording_until = now + self.recheck_after
         return recording
+
+    # -- client ---------------------------------------------------------------------
 
     def start_client(self, ctx: Any) -> Any:
         if not self._recording():
@@ -48,18 +92,52 @@ class OTelHook:
             if trace.get_current_span().get_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
+        attributes: dict[str, Any] = {
+            "rpc.system": "thrift",
+            "rpc.service": ctx.service,
+            "rpc.method": ctx.method,
+        }
+        if ctx.caller:
+            attributes["meshkit.service"] = ctx.caller
+        if ctx.deadline is not None:
+            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
         span = self._tracer().start_span(
-            f"{ctx.service}/{ctx.method}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "rpc.system": "thrift",
-                "rpc.service": ctx.service,
-                "rpc.method": ctx.method,
-            },
+            f"{ctx.service}/{ctx.method}", kind=_CLIENT, attributes=attributes
         )
         token = otel_context.attach(trace.set_span_in_context(span))
         propagate.inject(ctx.headers)
         return span, token
+
+    def start_attempt(self, ctx: Any) -> Any:
+        """A child span for a retry or hedge (attempt ≥ 1); its context goes on the wire."""
+        if not self._recording():
+            return None
+        parent = trace.get_current_span()
+        if not parent.is_recording():
+            return None
+        kind = "hedge" if ctx.extras.get("hedge") else "retry"
+        parent.add_event(kind, {"meshkit.attempt": ctx.attempt})
+        attributes: dict[str, Any] = {
+            "rpc.system": "thrift",
+            "rpc.service": ctx.service,
+            "rpc.method": ctx.method,
+            "meshkit.attempt": ctx.attempt,
+            "meshkit.attempt_kind": kind,
+        }
+        if ctx.caller:
+            attributes["meshkit.service"] = ctx.caller
+        if ctx.deadline is not None:
+            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
+        span = self._tracer().start_span(
+            f"{ctx.service}/{ctx.method} {kind} {ctx.attempt}",
+            context=trace.set_span_in_context(parent),
+            kind=_CLIENT,
+            attributes=attributes,
+        )
+        propagate.inject(ctx.headers, context=trace.set_span_in_context(span))
+        return span, None
+
+    # -- server ---------------------------------------------------------------------
 
     def start_server(self, ctx: Any) -> Any:
         if not self._recording():
@@ -67,35 +145,61 @@ class OTelHook:
                 return None
             return None, otel_context.attach(propagate.extract(ctx.headers))
         parent = propagate.extract(ctx.headers)
+        attributes: dict[str, Any] = {
+            "rpc.system": "thrift",
+            "rpc.service": ctx.service,
+            "rpc.method": ctx.method,
+            "meshkit.service": ctx.service,
+            "net.peer.name": ctx.peer,
+        }
+        if ctx.caller:
+            attributes["meshkit.caller"] = ctx.caller
+        instance = _provider.instance_of(ctx.service)
+        if instance:
+            attributes["meshkit.instance"] = instance
+        if ctx.deadline is not None:
+            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
         span = self._tracer().start_span(
-            f"{ctx.service}/{ctx.method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "thrift",
-                "rpc.service": ctx.service,
-                "rpc.method": ctx.method,
-                "net.peer.name": ctx.peer,
-            },
+            f"{ctx.service}/{ctx.method}", context=parent, kind=_SERVER, attributes=attributes
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
+
+    # -- both -----------------------------------------------------------------------
 
     def end(self, handle: Any, ctx: Any, error: BaseException | None) -> None:
         if handle is None:
             return
         span, token = handle
-        if span is None:
-            otel_context.detach(token)
-            return
         try:
-            if span.is_recording():
-                if ctx.peer:
-                    span.set_attribute("net.peer.name", ctx.peer)
-                if error is not None:
-                    code = error.code.value if isinstance(error, MeshkitError) else "INTERNAL"
-                    span.set_attribute("meshkit.status_code", code)
-                    span.set_status(Status(StatusCode.ERROR, str(error)))
-            span.end()
+            if span is not None:
+                if span.is_recording():
+                    self._finish(span, ctx, error)
+                span.end()
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
+
+    @staticmethod
+    def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
+        attributes: dict[str, Any] = {"meshkit.status_code": _status_code(error)}
+        if span.kind is _CLIENT:
+            if ctx.peer:
+                attributes["net.peer.name"] = ctx.peer
+            endpoint = ctx.endpoint
+            if endpoint is not None and endpoint.instance_id:
+                attributes["meshkit.instance"] = endpoint.instance_id
+            if "meshkit.attempt" not in span.attributes:
+                attributes["meshkit.attempts"] = ctx.attempt + 1
+            extras = ctx.extras
+            if extras:
+                for key in ("route", "zone", "hedged", "hedge_winner", "fallback"):
+                    value = extras.get(key)
+                    if value is not None and isinstance(value, (str, bool, int, float)):
+                        attributes[f"meshkit.{key}"] = value
+        app_error = ctx.extras.get("app_error") if ctx.extras else None
+        if app_error:
+            attributes["meshkit.app_error"] = app_error
+        span.set_attributes(attributes)
+        if error is not None:
+            span.set_status(Status(_ERROR, f"{type(error).__name__}: {error}"))

@@ -1,0 +1,312 @@
+"""Decoding OTLP/HTTP trace requests (protobuf and JSON) into rows for the span store.
+
+Both encodings of ``ExportTraceServiceRequest`` are accepted, as the OTLP specification
+defines them: binary protobuf (``application/x-protobuf``) and JSON
+(``application/json``, trace and span ids as hex strings, 64-bit integers as strings or
+numbers, enums as numbers or names). A malformed body is refused as a whole
+(:class:`OtlpError`); a well-formed body with some invalid spans (bad ids, end before
+start) keeps the valid ones and reports the others as rejected (OTLP partial success).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+__all__ = ["Decoded", "OtlpError", "SpanRow", "decode_json", "decode_protobuf"]
+
+KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
+_HEX = frozenset("0123456789abcdef")
+
+
+class OtlpError(ValueError):
+    """The request body is not an OTLP trace export request."""
+
+
+@dataclass(slots=True)
+class SpanRow:
+    """One span as the store keeps it."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str
+    service: str
+    name: str
+    kind: str
+    start_ns: int
+    duration_ns: int
+    error: bool
+    status: str
+    peer_service: str | None
+    kept: str | None
+    attrs: dict[str, Any]
+    events: list[dict[str, Any]]
+    links: list[dict[str, Any]]
+    resource: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Decoded:
+    """The spans of one request and what was rejected (with the first reason)."""
+
+    spans: list[SpanRow] = field(default_factory=list)
+    rejected: int = 0
+    first_error: str = ""
+
+    def reject(self, where: str, why: str) -> None:
+        self.rejected += 1
+        if not self.first_error:
+            self.first_error = f"{where}: {why}"
+
+
+def _peer_service(kind: str, attrs: dict[str, Any]) -> str | None:
+    """Whom a CLIENT/PRODUCER span called (the dependency graph's edge target)."""
+    if kind not in ("CLIENT", "PRODUCER") or "meshkit.attempt" in attrs:
+        return None  # retries and hedges are children of the logical call: count it once
+    for key in ("peer.service", "rpc.service", "messaging.destination.name", "server.address"):
+        value = attrs.get(key)
+        if value:
+            return str(value)
+    return None
+
+
+def _row(
+    trace_id: str,
+    span_id: str,
+    parent_id: str,
+    name: str,
+    kind: str,
+    start: int,
+    end: int,
+    status_code: int,
+    status_message: str,
+    attrs: dict[str, Any],
+    events: list[dict[str, Any]],
+    links: list[dict[str, Any]],
+    resource: dict[str, Any],
+) -> SpanRow:
+    service = attrs.get("meshkit.service") or resource.get("service.name") or "unknown"
+    error = status_code == 2
+    return SpanRow(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_id=parent_id,
+        service=str(service),
+        name=name,
+        kind=kind,
+        start_ns=start,
+        duration_ns=end - start,
+        error=error,
+        status=status_message if error else ("OK" if status_code == 1 else ""),
+        peer_service=_peer_service(kind, attrs),
+        kept=attrs.get("meshkit.kept"),
+        attrs=attrs,
+        events=events,
+        links=links,
+        resource=resource,
+    )
+
+
+def _check_ids(trace_id: str, span_id: str, parent_id: str) -> str | None:
+    if len(trace_id) != 32 or not _HEX.issuperset(trace_id) or trace_id == "0" * 32:
+        return f"expected a traceId of 32 hex digits (not all zero), found {trace_id!r}"
+    if len(span_id) != 16 or not _HEX.issuperset(span_id) or span_id == "0" * 16:
+        return f"expected a spanId of 16 hex digits (not all zero), found {span_id!r}"
+    if parent_id and (len(parent_id) != 16 or not _HEX.issuperset(parent_id)):
+        return f"expected a parentSpanId of 16 hex digits or none, found {parent_id!r}"
+    return None
+
+
+# -- protobuf -------------------------------------------------------------------------
+
+
+def _pb_value(value: Any) -> Any:
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_pb_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _pb_value(kv.value) for kv in value.kvlist_value.values}
+    if which == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode()
+    return getattr(value, which)
+
+
+def _pb_attrs(attributes: Iterable[Any]) -> dict[str, Any]:
+    return {kv.key: _pb_value(kv.value) for kv in attributes}
+
+
+def decode_protobuf(body: bytes) -> Decoded:
+    """Decode a binary ``ExportTraceServiceRequest``."""
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except DecodeError as exc:
+        raise OtlpError(f"expected a protobuf ExportTraceServiceRequest: {exc}") from None
+    out = Decoded()
+    for r, resource_spans in enumerate(request.resource_spans):
+        resource = _pb_attrs(resource_spans.resource.attributes)
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for i, span in enumerate(scope_spans.spans):
+                trace_id = span.trace_id.hex()
+                span_id = span.span_id.hex()
+                parent_id = span.parent_span_id.hex()
+                problem = _check_ids(trace_id, span_id, parent_id)
+                if problem is None and span.end_time_unix_nano < span.start_time_unix_nano:
+                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is not None:
+                    out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
+                    continue
+                events = [
+                    {"time_ns": e.time_unix_nano, "name": e.name, "attrs": _pb_attrs(e.attributes)}
+                    for e in span.events
+                ]
+                links = [
+                    {
+                        "trace_id": link.trace_id.hex(),
+                        "span_id": link.span_id.hex(),
+                        "attrs": _pb_attrs(link.attributes),
+                    }
+                    for link in span.links
+                ]
+                out.spans.append(
+                    _row(
+                        trace_id,
+                        span_id,
+                        parent_id,
+                        span.name,
+                        KINDS[span.kind] if 0 <= span.kind < len(KINDS) else "UNSPECIFIED",
+                        span.start_time_unix_nano,
+                        span.end_time_unix_nano,
+                        span.status.code,
+                        span.status.message,
+                        _pb_attrs(span.attributes),
+                        events,
+                        links,
+                        resource,
+                    )
+                )
+    return out
+
+
+# -- JSON -----------------------------------------------------------------------------
+
+
+def _js_value(value: Any) -> Any:
+    if not isinstance(value, dict) or not value:
+        return None
+    key, inner = next(iter(value.items()))
+    if key == "intValue":
+        return int(inner)
+    if key == "doubleValue":
+        return float(inner)
+    if key == "arrayValue":
+        return [_js_value(v) for v in (inner or {}).get("values", [])]
+    if key == "kvlistValue":
+        return _js_attrs((inner or {}).get("values", []))
+    return inner
+
+
+def _js_attrs(attributes: Any) -> dict[str, Any]:
+    if not isinstance(attributes, list):
+        return {}
+    return {
+        str(kv.get("key", "")): _js_value(kv.get("value"))
+        for kv in attributes
+        if isinstance(kv, dict)
+    }
+
+
+def _js_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        name = value.removeprefix(prefix)
+        if name in names:
+            return names.index(name)
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _js_list(obj: Any, key: str) -> Iterator[tuple[int, Any]]:
+    items = obj.get(key) if isinstance(obj, dict) else None
+    return enumerate(items) if isinstance(items, list) else iter(())
+
+
+def decode_json(body: bytes) -> Decoded:
+    """Decode an ``ExportTraceServiceRequest`` in OTLP's JSON encoding."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OtlpError(f"expected a JSON ExportTraceServiceRequest: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("resourceSpans", []), list):
+        raise OtlpError('expected a JSON object with a "resourceSpans" list')
+    out = Decoded()
+    for r, resource_spans in _js_list(doc, "resourceSpans"):
+        resource = _js_attrs((resource_spans.get("resource") or {}).get("attributes"))
+        for s, scope_spans in _js_list(resource_spans, "scopeSpans"):
+            for i, span in _js_list(scope_spans, "spans"):
+                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
+                if not isinstance(span, dict):
+                    out.reject(where, "expected a span object")
+                    continue
+                trace_id = str(span.get("traceId", "")).lower()
+                span_id = str(span.get("spanId", "")).lower()
+                parent_id = str(span.get("parentSpanId") or "").lower()
+                problem = _check_ids(trace_id, span_id, parent_id)
+                try:
+                    start = int(span.get("startTimeUnixNano", 0))
+                    end = int(span.get("endTimeUnixNano", 0))
+                except (TypeError, ValueError):
+                    problem = problem or "expected integer startTimeUnixNano/endTimeUnixNano"
+                    start = end = 0
+                if problem is None and end < start:
+                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is not None:
+                    out.reject(where, problem)
+                    continue
+                status = span.get("status") or {}
+                events = [
+                    {
+                        "time_ns": int(e.get("timeUnixNano", 0)),
+                        "name": str(e.get("name", "")),
+                        "attrs": _js_attrs(e.get("attributes")),
+                    }
+                    for _, e in _js_list(span, "events")
+                    if isinstance(e, dict)
+                ]
+                links = [
+                    {
+                        "trace_id": str(link.get("traceId", "")).lower(),
+                        "span_id": str(link.get("spanId", "")).lower(),
+                        "attrs": _js_attrs(link.get("attributes")),
+                    }
+                    for _, link in _js_list(span, "links")
+                    if isinstance(link, dict)
+                ]
+                out.spans.append(
+                    _row(
+                        trace_id,
+                        span_id,
+                        parent_id,
+                        str(span.get("name", "")),
+                        KINDS[_js_enum(span.get("kind"), KINDS, "SPAN_KIND_") % len(KINDS)],
+                        start,
+                        end,
+                        _js_enum(status.get("code"), ("UNSET", "OK", "ERROR"), "STATUS_CODE_"),
+                        str(status.get("message", "")),
+                        _js_attrs(span.get("attributes")),
+                        events,
+                        links,
+                        resource,
+                    )
+                )
+    return out

@@ -1,0 +1,285 @@
+"""The collector's span store: SQLite in WAL mode, one writer thread, many readers.
+
+Writes are batched: :meth:`SpanStore.add` queues a request's spans (or refuses them when
+the queue is full, so the caller can answer 503 and the exporter retries later) and the
+writer thread inserts whatever is queued in one transaction. Readers use their own
+connections (WAL lets them read while the writer writes). Retention runs in the writer:
+spans older than ``max_age`` seconds go, and when the live data outgrows ``max_bytes`` the
+oldest tenth goes, until it fits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .otlp import SpanRow
+
+__all__ = ["SpanStore", "StoreFull"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    start_ns INTEGER NOT NULL,
+    duration_ns INTEGER NOT NULL,
+    error INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    peer_service TEXT,
+    kept TEXT,
+    attrs TEXT NOT NULL,
+    events TEXT NOT NULL,
+    links TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS spans_start ON spans (start_ns);
+CREATE INDEX IF NOT EXISTS spans_service ON spans (service, start_ns);
+CREATE INDEX IF NOT EXISTS spans_operation ON spans (name, start_ns);
+CREATE INDEX IF NOT EXISTS spans_duration ON spans (duration_ns);
+CREATE INDEX IF NOT EXISTS spans_error ON spans (start_ns) WHERE error = 1;
+CREATE TABLE IF NOT EXISTS links (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    linked_trace_id TEXT NOT NULL,
+    linked_span_id TEXT NOT NULL,
+    start_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS links_linked ON links (linked_trace_id);
+CREATE INDEX IF NOT EXISTS links_trace ON links (trace_id);
+CREATE INDEX IF NOT EXISTS links_start ON links (start_ns);
+"""
+
+_INSERT = "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_LINK = "INSERT INTO links VALUES (?,?,?,?,?)"
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+class StoreFull(Exception):
+    """The write queue is full: the collector is behind; try again shortly."""
+
+
+class _Flush:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    # Index inserts land at random places (trace ids are random): a large page cache keeps
+    # them in memory between commits.
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    return conn
+
+
+class SpanStore:
+    """Spans in one SQLite file (``":memory:"`` is refused: readers need the file)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_age: float | None = 7 * 86400,
+        max_bytes: int | None = 1 << 30,
+        max_queued_requests: int = 1024,
+        retention_every: float = 30.0,
+    ) -> None:
+        self.path = str(path)
+        if self.path == ":memory:" or not self.path:
+            raise ValueError("expected a file path for the span store, found an in-memory one")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self.retention_every = retention_every
+        self._writer_conn = _connect(self.path)
+        self._writer_conn.executescript(SCHEMA)
+        self._queue: queue.Queue[list[SpanRow] | _Flush | None] = queue.Queue(max_queued_requests)
+        self._local = threading.local()
+        self.spans_written = 0
+        self.spans_deleted = 0
+        self.requests_refused = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="meshkit-trace-store", daemon=True)
+        self._thread.start()
+
+    # -- writing ------------------------------------------------------------------
+
+    def add(self, spans: list[SpanRow]) -> None:
+        """Queue spans for the writer; raises :class:`StoreFull` instead of waiting."""
+        if self._closed:
+            raise StoreFull("the span store is closed")
+        if not spans:
+            return
+        try:
+            self._queue.put_nowait(spans)
+        except queue.Full:
+            self.requests_refused += 1
+            raise StoreFull(
+                f"the span store is {self._queue.maxsize} requests behind; retry later"
+            ) from None
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued before this call is written."""
+        marker = _Flush()
+        self._queue.put(marker, timeout=timeout)
+        return marker.done.wait(timeout)
+
+    def _run(self) -> None:
+        next_retention = time.monotonic() + self.retention_every
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                item = None
+                if self._closed:
+                    return
+            batch: list[SpanRow] = []
+            markers: list[_Flush] = []
+            stop = False
+            while True:
+                if isinstance(item, list):
+                    batch.extend(item)
+                elif isinstance(item, _Flush):
+                    markers.append(item)
+                if len(batch) >= 20000:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception:
+                    log.exception("writing %d spans failed; they are lost", len(batch))
+            for marker in markers:
+                marker.done.set()
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self.retention_every
+                try:
+                    self.apply_retention()
+                except Exception:
+                    log.exception("trace retention failed")
+            if stop or (self._closed and self._queue.empty()):
+                return
+
+    def _write(self, batch: Sequence[SpanRow]) -> None:
+        rows = []
+        links = []
+        resources: dict[int, str] = {}  # one JSON text per resource (shared by its spans)
+        for s in batch:
+            resource = resources.get(id(s.resource))
+            if resource is None:
+                resource = resources[id(s.resource)] = _dumps(s.resource)
+            rows.append(
+                (
+                    s.trace_id,
+                    s.span_id,
+                    s.parent_id,
+                    s.service,
+                    s.name,
+                    s.kind,
+                    s.start_ns,
+                    s.duration_ns,
+                    1 if s.error else 0,
+                    s.status,
+                    s.peer_service,
+                    s.kept,
+                    _dumps(s.attrs),
+                    _dumps(s.events) if s.events else "[]",
+                    _dumps(s.links) if s.links else "[]",
+                    resource,
+                )
+            )
+            for link in s.links:
+                links.append((s.trace_id, s.span_id, link["trace_id"], link["span_id"], s.start_ns))
+        conn = self._writer_conn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(_INSERT, rows)
+            if links:
+                conn.executemany(_INSERT_LINK, links)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.spans_written += len(rows)
+
+    def apply_retention(self, now_ns: int | None = None) -> int:
+        """Delete spans past ``max_age`` and the oldest while over ``max_bytes``."""
+        conn = self._writer_conn
+        deleted = 0
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        if self.max_age is not None:
+            cutoff = now_ns - int(self.max_age * 1e9)
+            deleted += conn.execute("DELETE FROM spans WHERE start_ns < ?", (cutoff,)).rowcount
+            conn.execute("DELETE FROM links WHERE start_ns < ?", (cutoff,))
+        if self.max_bytes is not None:
+            for _ in range(20):
+                if self.live_bytes(conn) <= self.max_bytes:
+                    break
+                total = conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+                if total == 0:
+                    break
+                row = conn.execute(
+                    "SELECT start_ns FROM spans ORDER BY start_ns LIMIT 1 OFFSET ?",
+                    (max(1, total // 10),),
+                ).fetchone()
+                cutoff = row[0] if row else now_ns
+                deleted += conn.execute("DELETE FROM spans WHERE start_ns <= ?", (cutoff,)).rowcount
+                conn.execute("DELETE FROM links WHERE start_ns <= ?", (cutoff,))
+        if deleted:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.spans_deleted += deleted
+        return deleted
+
+    @staticmethod
+    def live_bytes(conn: sqlite3.Connection) -> int:
+        """Bytes of the database in use (pages not on the free list)."""
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._writer_conn.close()
+
+    # -- reading ------------------------------------------------------------------
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return self.reader().execute(sql, tuple(params)).fetchall()

@@ -1,0 +1,220 @@
+"""Span export off the hot path: a bounded queue drained by one background thread.
+
+:class:`ExportQueue` is the span processor meshkit installs. A finished span costs the
+caller one ``deque.append``; a daemon thread hands batches to the exporter (OTLP/HTTP
+protobuf by default). When the queue is full the span is **dropped and counted**, never
+waited for: an unreachable collector must not slow a service down.
+
+It differs from the SDK's ``BatchSpanProcessor`` in two ways that matter here: every drop
+is counted in Prometheus (``meshkit_traces_spans_dropped_total{reason}``), and it exports
+spans the head sampler did not sample when they erred or were slow (*tail keeping*, see
+:mod:`meshkit.tracing.sampling`), marked ``meshkit.kept=error|slow``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry, Counter
+
+from .._metrics import PerRegistry
+
+__all__ = ["ExportMetrics", "ExportQueue"]
+
+log = logging.getLogger(__name__)
+
+#: Attribute set on a span exported only because it erred or was slow.
+KEPT_ATTRIBUTE = "meshkit.kept"
+
+
+class ExportMetrics(PerRegistry):
+    """``meshkit_traces_spans_{exported,dropped}_total`` in one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.exported = Counter(
+            "meshkit_traces_spans_exported",
+            "Spans handed to the trace exporter successfully",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "meshkit_traces_spans_dropped",
+            "Spans dropped instead of exported, by reason (queue_full, export_failed, shutdown)",
+            ["reason"],
+            registry=registry,
+        )
+        self.tail_kept = Counter(
+            "meshkit_traces_spans_tail_kept",
+            "Spans the head sampler skipped but that were exported because they erred or were slow",
+            ["reason"],
+            registry=registry,
+        )
+
+
+def _marked(span: ReadableSpan, reason: str) -> ReadableSpan:
+    """A copy of ``span`` carrying ``meshkit.kept=reason`` (ended spans are read-only)."""
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes={**(span.attributes or {}), KEPT_ATTRIBUTE: reason},
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class ExportQueue(SpanProcessor):
+    """Queue finished spans and export them in batches from a background thread.
+
+    ``max_queue``: spans waiting at most (more are dropped and counted).
+    ``max_batch``: spans per export call. ``delay``: seconds between exports when the
+    queue is not filling up. ``slow_after``: seconds after which an unsampled span is
+    kept anyway (``None``: never); unsampled spans with an error status are always kept
+    when ``keep_errors``. Only spans the sampler *recorded* reach this processor, so
+    tail keeping needs the record-only sampler of :mod:`meshkit.tracing.sampling`.
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue: int = 8192,
+        max_batch: int = 512,
+        delay: float = 0.5,
+        slow_after: float | None = 1.0,
+        keep_errors: bool = True,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError(
+                f"expected max_queue ≥ 1 and max_batch ≥ 1, found {max_queue} and {max_batch}"
+            )
+        self.exporter = exporter
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.delay = delay
+        self.slow_after_ns = None if slow_after is None else int(slow_after * 1e9)
+        self.keep_errors = keep_errors
+        metrics = ExportMetrics.get(metrics_registry)
+        self._exported = metrics.exported
+        self._dropped_full = metrics.dropped.labels("queue_full")
+        self._dropped_failed = metrics.dropped.labels("export_failed")
+        self._dropped_shutdown = metrics.dropped.labels("shutdown")
+        self._kept = metrics.tail_kept
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._start_thread()
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="meshkit-trace-export", daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        # The thread does not survive a fork; the queued spans belong to the parent.
+        self._queue.clear()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        if not self._stopped:
+            self._start_thread()
+
+    # -- hot path -------------------------------------------------------------
+
+    def on_start(self, span: Span, parent_context: object = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context.trace_flags.sampled:
+            reason = self._tail_reason(span)
+            if reason is None:
+                return
+            self._kept.labels(reason).inc()
+            span = _marked(span, reason)
+        queue = self._queue
+        if len(queue) >= self.max_queue or self._stopped:
+            (self._dropped_shutdown if self._stopped else self._dropped_full).inc()
+            return
+        queue.append(span)
+        if len(queue) == self.max_batch:
+            self._wake.set()
+
+    def _tail_reason(self, span: ReadableSpan) -> str | None:
+        if self.keep_errors and span.status.status_code is StatusCode.ERROR:
+            return "error"
+        slow = self.slow_after_ns
+        if (
+            slow is not None
+            and span.end_time is not None
+            and span.start_time is not None
+            and span.end_time - span.start_time >= slow
+        ):
+            return "slow"
+        return None
+
+    # -- background -----------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Spans waiting for export."""
+        return len(self._queue)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self.delay)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._export_lock:
+            queue = self._queue
+            while queue:
+                batch: list[ReadableSpan] = []
+                while queue and len(batch) < self.max_batch:
+                    batch.append(queue.popleft())
+                self._export(batch)
+
+    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:
+            log.exception("trace export failed; %d spans dropped", len(batch))
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self._exported.inc(len(batch))
+        else:
+            self._dropped_failed.inc(len(batch))
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export everything queued now (in the calling thread); ``True`` when done."""
+        self._drain()
+        return not self._queue
+
+    def shutdown(self) -> None:
+        """Export what is queued, stop the thread and shut the exporter down."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        self._drain()
+        self.exporter.shutdown()

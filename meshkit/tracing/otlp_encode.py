@@ -1,0 +1,222 @@
+"""A fast OTLP/protobuf encoder and HTTP exporter for finished spans.
+
+The SDK's encoder builds a protobuf message object per span, attribute and value and then
+serialises it: about 50 µs per span here, paid on the export thread but under the GIL the
+service's event loop needs. This writes the same wire format directly (about a fifth of
+that; ``tests/tracing/test_export.py`` checks the bytes parse to what the SDK's encoder
+produces). Field numbers are those of ``opentelemetry/proto/trace/v1/trace.proto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+__all__ = ["OtlpHttpExporter", "encode_request"]
+
+log = logging.getLogger(__name__)
+
+_pack_q = struct.Struct("<Q").pack
+_pack_d = struct.Struct("<d").pack
+_pack_i = struct.Struct("<I").pack
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(tag: int, payload: bytes) -> bytes:
+    # tag: field number << 3 | 2, already shifted; all tags used here fit in one or two bytes
+    return _TAGS[tag] + _varint(len(payload)) + payload
+
+
+_TAGS = {n: _varint(n) for n in range(0, 256)}
+
+
+def _tag(field: int, wire: int) -> int:
+    return (field << 3) | wire
+
+
+_T_STR = _TAGS[_tag(1, 2)]  # AnyValue.string_value
+_KV_KEY = _tag(1, 2)
+_KV_VALUE = _tag(2, 2)
+_key_cache: dict[str, bytes] = {}
+
+
+def _any_value(value: Any) -> bytes:
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "replace")
+        return _T_STR + _varint(len(raw)) + raw
+    if isinstance(value, bool):
+        return _TAGS[_tag(2, 0)] + (b"\x01" if value else b"\x00")
+    if isinstance(value, int):
+        return _TAGS[_tag(3, 0)] + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    if isinstance(value, float):
+        return _TAGS[_tag(4, 1)] + _pack_d(value)
+    if isinstance(value, bytes):
+        return _len_field(_tag(7, 2), value)
+    if isinstance(value, (list, tuple)):
+        inner = b"".join(_len_field(_tag(1, 2), _any_value(v)) for v in value)
+        return _len_field(_tag(5, 2), inner)
+    raw = str(value).encode("utf-8", "replace")
+    return _T_STR + _varint(len(raw)) + raw
+
+
+def _attributes(field_tag: int, attributes: Any) -> bytes:
+    if not attributes:
+        return b""
+    parts = []
+    prefix = _TAGS[field_tag]
+    for key, value in attributes.items():
+        encoded_key = _key_cache.get(key)
+        if encoded_key is None:
+            raw = key.encode("utf-8", "replace")
+            encoded_key = _key_cache[key] = _TAGS[_KV_KEY] + _varint(len(raw)) + raw
+            if len(_key_cache) > 10000:
+                _key_cache.clear()
+        val = _any_value(value)
+        kv = encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
+        parts.append(prefix + _varint(len(kv)) + kv)
+    return b"".join(parts)
+
+
+def _span(span: ReadableSpan) -> bytes:
+    ctx = span.context
+    assert ctx is not None
+    out = [
+        b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),  # 1: trace_id
+        b"\x12\x08" + ctx.span_id.to_bytes(8, "big"),  # 2: span_id
+    ]
+    state = ctx.trace_state.to_header() if ctx.trace_state else ""
+    if state:
+        out.append(_len_field(_tag(3, 2), state.encode()))
+    parent = span.parent
+    if parent is not None:
+        out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))  # 4: parent_span_id
+    name = span.name.encode("utf-8", "replace")
+    out.append(_len_field(_tag(5, 2), name))
+    out.append(b"\x30" + _varint(span.kind.value + 1))  # 6: kind (proto enum = SDK + 1)
+    out.append(b"\x39" + _pack_q(span.start_time or 0))  # 7: fixed64 start
+    out.append(b"\x41" + _pack_q(span.end_time or 0))  # 8: fixed64 end
+    out.append(_attributes(_tag(9, 2), span.attributes))
+    for event in span.events:
+        body = b"\x09" + _pack_q(event.timestamp) + _len_field(_tag(2, 2), event.name.encode())
+        body += _attributes(_tag(3, 2), event.attributes)
+        out.append(_len_field(_tag(11, 2), body))
+    for link in span.links:
+        lctx = link.context
+        body = b"\x0a\x10" + lctx.trace_id.to_bytes(16, "big")
+        body += b"\x12\x08" + lctx.span_id.to_bytes(8, "big")
+        body += _attributes(_tag(4, 2), link.attributes)
+        body += b"\x35" + _pack_i(0x300 if lctx.is_remote else 0x100)  # 6: fixed32 flags
+        out.append(_len_field(_tag(13, 2), body))
+    status = span.status
+    code = status.status_code.value
+    if code or status.description:
+        body = b""
+        if status.description:
+            body += _len_field(_tag(2, 2), status.description.encode("utf-8", "replace"))
+        if code:
+            body += b"\x18" + _varint(code)
+        out.append(_len_field(_tag(15, 2), body))
+    # 16: fixed32 flags: "has is_remote" (0x100) and "parent is remote" (0x200), as the SDK
+    out.append(b"\x85\x01" + _pack_i(0x300 if parent is not None and parent.is_remote else 0x100))
+    return b"".join(out)
+
+
+def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
+    """The ``ExportTraceServiceRequest`` for ``spans``, grouped by resource and scope."""
+    groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
+    for span in spans:
+        resource = span.resource
+        entry = groups.get(id(resource))
+        if entry is None:
+            entry = groups[id(resource)] = (resource, {})
+        scope = span.instrumentation_scope
+        key = (scope.name, scope.version or "") if scope is not None else ("", "")
+        entry[1].setdefault(key, []).append(_span(span))
+    out = []
+    for resource, scopes in groups.values():
+        body = _len_field(_tag(1, 2), _attributes(_tag(1, 2), resource.attributes))
+        for (name, version), encoded in scopes.items():
+            scope_msg = b""
+            if name:
+                scope_msg += _len_field(_tag(1, 2), name.encode())
+            if version:
+                scope_msg += _len_field(_tag(2, 2), version.encode())
+            scope_body = _len_field(_tag(1, 2), scope_msg)
+            scope_body += b"".join(_len_field(_tag(2, 2), s) for s in encoded)
+            body += _len_field(_tag(2, 2), scope_body)
+        if resource.schema_url:
+            body += _len_field(_tag(3, 2), resource.schema_url.encode())
+        out.append(_len_field(_tag(1, 2), body))
+    return b"".join(out)
+
+
+class OtlpHttpExporter(SpanExporter):
+    """OTLP/HTTP protobuf export with :func:`encode_request`, over one kept-alive session.
+
+    Retries connection failures and 429/502/503/504 answers with exponential backoff
+    for at most ``timeout`` seconds per batch (the collector answers 503 when behind);
+    other answers fail the batch (counted as dropped by the export queue).
+    """
+
+    RETRYABLE = frozenset({429, 502, 503, 504})
+
+    def __init__(
+        self, endpoint: str, *, timeout: float = 5.0, headers: Mapping[str, str] | None = None
+    ) -> None:
+        import requests
+
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.headers.update({"Content-Type": "application/x-protobuf", **(headers or {})})
+        self._closed = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        import requests
+
+        if self._closed:
+            return SpanExportResult.FAILURE
+        body = encode_request(spans)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                response = self._session.post(self.endpoint, data=body, timeout=max(0.1, left))
+            except requests.RequestException as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.ok:
+                    return SpanExportResult.SUCCESS
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code not in self.RETRYABLE:
+                    break
+            if time.monotonic() + delay >= deadline or self._closed:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        log.warning("trace export to %s failed: %s", self.endpoint, problem)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._session.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
