@@ -476,6 +476,7 @@ class ServiceConfig(Generic[M]):
         _log.warning(
             "config version rejected; keeping the last good config",
             service=self.service,
+            instance=self.instance_id,
             namespace=ns,
             version=number,
             running=_number(self._applied.get(ns)),
@@ -499,6 +500,7 @@ class ServiceConfig(Generic[M]):
         _log.info(
             "config applied",
             service=self.service,
+            instance=self.instance_id,
             versions=self.versions,
             changed_keys=sorted(keys),
         )

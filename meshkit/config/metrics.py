@@ -10,6 +10,7 @@ from .._metrics import PerRegistry
 
 class ConfigMetrics(PerRegistry):
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.version = Gauge(
             "meshkit_config_version",
             "Config version this instance runs, by namespace (0: nothing published)",

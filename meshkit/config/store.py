@@ -53,6 +53,7 @@ __all__ = [
     "Selector",
     "Version",
     "default_author",
+    "diff_values",
     "validate_namespace",
 ]
 
@@ -586,12 +587,15 @@ class ConfigStore:
                     if failing and on_error:
                         on_error(None)
                     failing, delay = False, _BACKOFF_MIN
-                    _apply(head, batch)
-                    revision = batch[-1].revision
-                    state = self._state(ns, head, revision)
-                    if last is None or _changed(last, state):
-                        last = state
-                        yield state
+                    # One state per store revision (one publish is one revision), so a
+                    # watcher that was behind still sees every version, in order.
+                    for group in _by_revision(batch):
+                        _apply(head, group)
+                        revision = group[-1].revision
+                        state = self._state(ns, head, revision)
+                        if last is None or _changed(last, state):
+                            last = state
+                            yield state
                 raise Unavailable(f"the watch on {self.url} ended")
             except Compacted as exc:
                 _log.info(
@@ -626,6 +630,16 @@ def _apply(head: dict[str, str], batch: Sequence[Event]) -> None:
             head[event.key] = event.value
 
 
+def _by_revision(batch: Sequence[Event]) -> list[list[Event]]:
+    groups: list[list[Event]] = []
+    for event in batch:
+        if groups and groups[-1][-1].revision == event.revision:
+            groups[-1].append(event)
+        else:
+            groups.append([event])
+    return groups
+
+
 def _changed(a: NamespaceState, b: NamespaceState) -> bool:
     return a.current != b.current or a.gray != b.gray
 
@@ -633,3 +647,28 @@ def _changed(a: NamespaceState, b: NamespaceState) -> bool:
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
         raise InvalidArgument(f"expected a dotted config key such as 'db.pool_size', found {key!r}")
+
+
+def diff_values(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """``(change, dotted key, old, new)`` for each leaf that differs, in key order of
+    ``old`` then new keys; ``change`` is ``added``, ``removed`` or ``changed``."""
+    a, b = _leaves(old), _leaves(new)
+    out: list[tuple[str, str, Any, Any]] = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        if key not in b:
+            out.append(("removed", key, a[key], None))
+        elif key not in a:
+            out.append(("added", key, None, b[key]))
+        elif a[key] != b[key]:
+            out.append(("changed", key, a[key], b[key]))
+    return out
+
+
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

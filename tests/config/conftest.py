@@ -1,0 +1,68 @@
+"""Fixtures for the config tests: real etcd servers, private local:// stores.
+
+* ``etcd``: a fresh etcd for one test (tests that stop, kill or restart it use this);
+* ``etcd_session``: one etcd shared by the session; tests keep to their own key prefix;
+* ``store_url``: a private store URL for each backend in ``BACKENDS``.
+
+A missing binary or an etcd that does not start fails the test with the reason.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from etcd_server import EtcdServer
+
+from meshkit.config import ConfigStore, store_from_url
+
+BACKENDS = ["local", "etcd"]
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    server = EtcdServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_session() -> Iterator[EtcdServer]:
+    server = EtcdServer(name="meshkit-config-session")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def etcd_url(server: EtcdServer) -> str:
+    return f"{server.url}?prefix=/meshkit-test/{secrets.token_hex(4)}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A private config store URL on each backend."""
+    if request.param == "local":
+        return f"local://{tmp_path / 'config'}"
+    server = request.getfixturevalue("etcd_session")
+    return etcd_url(server)
+
+
+@pytest.fixture
+def local_url(tmp_path: Path) -> str:
+    return f"local://{tmp_path / 'config'}"
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[ConfigStore]:
+    s = store_from_url(store_url)
+    try:
+        yield s
+    finally:
+        await s.close()
