@@ -791,5 +791,12 @@ def demo(calls: int | None, concurrency: int, duration: float | None, keep_runni
     sys.exit(code)
 
 
+# -- meshkit config (meshkit/cli_config.py) ------------------------------------------------
+
+from .cli_config import config as _config_group  # noqa: E402
+
+cli.add_command(_config_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

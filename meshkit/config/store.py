@@ -472,7 +472,8 @@ class ConfigStore:
     async def rollback(self, namespace: str, number: int, **kwargs: Any) -> Version:
         """Republish the values of version ``number`` as a new version."""
         old = await self.version(namespace, number)
-        kwargs.setdefault("message", f"rollback to version {number}")
+        if not kwargs.get("message"):
+            kwargs["message"] = f"rollback to version {number}"
         return await self.publish(
             namespace, lambda _v: old.values, kind="rollback", source=number, **kwargs
         )
