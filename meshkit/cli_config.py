@@ -357,7 +357,6 @@ def replace(
 ) -> None:
     """Publish FILE (TOML, or JSON when it ends in .json) as SERVICE's whole config."""
     from .config.layers import load_file
-
     from .errors import ConfigError
 
     if not os.path.exists(file):
