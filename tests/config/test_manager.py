@@ -235,7 +235,8 @@ async def test_async_iterator_of_changes(store: ConfigStore) -> None:
         await store.set_key("echo", "greeting", "yo")
         for n in (2, 3):
             await store.set_key("echo", "limit", n)
-        await wait_until(lambda: got == [2, 3], "two limit changes")
+            await wait_until(lambda n=n: got[-1:] == [n], f"limit {n}")
+        assert got == [2, 3]
     finally:
         await cfg.stop()
         await asyncio.wait_for(task, 5)
