@@ -246,6 +246,7 @@ class ConsulKVDouble:
                 return web.Response(status=400, text=f"Failed to parse body: operation {i}")
             verb, key = kv["Verb"], kv["Key"]
             current = staged.get(key)
+            have = current.modify_index if current else 0
             if verb == "check-not-exists" and current is not None:
                 errors.append({"OpIndex": i, "What": f'key "{key}" exists'})
             elif verb in ("check-index", "cas") and (
@@ -254,7 +255,7 @@ class ConsulKVDouble:
                 errors.append(
                     {
                         "OpIndex": i,
-                        "What": f"current modify index {current.modify_index if current else 0} != {kv.get('Index')}",
+                        "What": f"current modify index {have} != {kv.get('Index')}",
                     }
                 )
             elif verb not in ("set", "cas", "delete", "check-index", "check-not-exists", "get"):
