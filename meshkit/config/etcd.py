@@ -62,7 +62,6 @@ class EtcdKV(KV):
             raise ConfigError(f"expected a key prefix starting with '/', found {prefix!r}")
         self.prefix = prefix.rstrip("/") + "/"
         self.connect_timeout = _reg._positive("connect_timeout", connect_timeout)
-        self.request_timeout = _reg.DEFAULT_REQUEST_TIMEOUT
         self.request_timeout = _reg._positive("request_timeout", request_timeout)
         self.url = url or "etcd://" + ",".join(
             _reg._format_endpoint(h, p) for h, p in self.endpoints
@@ -71,6 +70,7 @@ class EtcdKV(KV):
         self._first = 0
         self._lock = asyncio.Lock()
         self._watch_queues: set[asyncio.Queue[object]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
@@ -142,7 +142,9 @@ class EtcdKV(KV):
             self._first = (getattr(client, "meshkit_index", 0) + 1) % len(self.endpoints)
             for queue in list(self._watch_queues):
                 queue.put_nowait(Unavailable(f"etcd connection dropped: {_reg._error_text(exc)}"))
-            asyncio.get_running_loop().create_task(_reg._close_client(client))
+            task = asyncio.get_running_loop().create_task(_reg._close_client(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return Unavailable(f"etcd at {self.url} failed: {_reg._error_text(exc)}")
 
     async def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
@@ -246,6 +248,8 @@ class EtcdKV(KV):
         client, self._client = self._client, None
         if client is not None:
             await _reg._close_client(client)
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
 
 async def _pump(client: Any, prefix: bytes, start: int, queue: asyncio.Queue[object]) -> None:

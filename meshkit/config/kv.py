@@ -3,7 +3,7 @@
 The versioned layout (:mod:`meshkit.config.store`) is written once on top of this small
 interface, so etcd, Consul KV and the ``local://`` file store only have to provide:
 
-* ``get``/``list`` with the store's **revision** (a number that grows with every write:
+* ``get``/``scan`` with the store's **revision** (a number that grows with every write:
   etcd's revision, Consul's raft index, the local store's journal counter);
 * ``txn``: compare the *modification revision* of some keys (``0`` means "absent"), and
   only if every comparison holds, apply puts and deletes atomically. Creating a key only

@@ -41,6 +41,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -115,6 +116,9 @@ class LocalKV(KV):
             self.url = "local://" + quote(str(self.directory))
         self.poll_interval = float(poll_interval)
         self.max_journal = max_journal
+        # /tmp is shared: only trust /tmp/meshkit-<uid> if it is ours (as the registry does).
+        fallback = Path(f"/tmp/meshkit-{os.getuid()}")
+        self._private_base = fallback if self.directory.parent == fallback else None
         self._closed = False
         self._closed_event = asyncio.Event()
 
@@ -161,6 +165,7 @@ class LocalKV(KV):
     def _locked(self, exclusive: bool) -> Iterator[None]:
         if self._closed:
             raise Unavailable(f"config store {self.url} is closed")
+        self._check_base()
         try:
             _mkdir_private(self.directory)
             fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -171,6 +176,21 @@ class LocalKV(KV):
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _check_base(self) -> None:
+        """Refuse a ``/tmp/meshkit-<uid>`` that another user created (or a symlink)."""
+        if self._private_base is None:
+            return
+        try:
+            st = os.lstat(self._private_base)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise ConfigError(
+                f"expected {self._private_base} to be a directory owned by uid {os.getuid()}; "
+                "remove it or set MESHKIT_RUNTIME_DIR"
+            )
+        self._private_base = None  # checked once
 
     def _read_rev(self) -> tuple[int, int]:
         try:

@@ -11,16 +11,33 @@ A missing binary or an etcd that does not start fails the test with the reason.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from consul_kv_double import ConsulKVDouble
 from etcd_server import EtcdServer
 
 from meshkit.config import ConfigStore, store_from_url
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI configures logging for its process; give later tests theirs back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
 
 BACKENDS = ["local", "etcd", pytest.param("consul", marks=pytest.mark.consul_contract)]
 
