@@ -796,6 +796,12 @@ from .cli_traces import traces as _traces  # noqa: E402
 
 cli.add_command(_traces)
 
+# -- meshkit config (meshkit/cli_config.py) ------------------------------------------------
+
+from .cli_config import config as _config_group  # noqa: E402
+
+cli.add_command(_config_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

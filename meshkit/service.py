@@ -27,6 +27,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _loop
 from .client import Client, set_process_service
+from .config import ServiceConfig
+from .config.manager import DEFAULT as _CONFIG_DEFAULT
+from .config.store import ConfigStore
 from .errors import ConfigError
 from .health import HealthServer, HealthState, LoopMonitor, Phase
 from .registry import Instance, Registry, new_instance_id, registry_from_url
@@ -78,6 +81,10 @@ class Service:
         tracer: TracerHook | None = None,
         metrics_registry: CollectorRegistry | None = None,
         settings: Settings | None = None,
+        config: Any = None,
+        config_store: ConfigStore | str | None = DEFAULT,
+        config_file: str | os.PathLike[str] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.service = service
@@ -110,6 +117,23 @@ class Service:
         self._stopped = False
         self._owns_registry = False
         self._clients: list[Client] = []
+        # -- live configuration (meshkit.config) ----------------------------------------
+        #: The service's settings: ``svc.config.value``, ``@svc.config.on_change``.
+        self.config: ServiceConfig[Any]
+        if isinstance(config, ServiceConfig):
+            self.config = config
+        else:
+            if config_store is DEFAULT and config is None and not os.environ.get("MESHKIT_CONFIG"):
+                config_store = None  # no schema and no store named: nothing to follow
+            self.config = ServiceConfig(
+                name,
+                config,
+                store=_CONFIG_DEFAULT if config_store is DEFAULT else config_store,
+                file=config_file,
+                overrides=config_overrides,
+                metrics_registry=self.metrics_registry,
+            )
+        self._config_started = False
 
     # -- building ----------------------------------------------------------
 
@@ -161,6 +185,13 @@ class Service:
         set_process_service(self.name)
         tracing_identity(service=self.name)  # tracing: names the spans' service
         self.state.set_phase(Phase.STARTING)
+        advertise = settings.advertise_host or settings.host
+        if advertise in ("0.0.0.0", "::", ""):
+            advertise = "127.0.0.1"
+        instance_id = new_instance_id(self.name, advertise)
+        # Settings are loaded before the first call can arrive (a ConfigError fails the start).
+        await self.config.start(instance_id, {**self.tags, "version": self.version})
+        self._config_started = True
         self.server = RpcServer(
             self.service,
             self.implementation,
@@ -184,12 +215,9 @@ class Service:
         )
         await self.server.start(settings.host, settings.port)
         await self.health.start()
-        advertise = settings.advertise_host or settings.host
-        if advertise in ("0.0.0.0", "::", ""):
-            advertise = "127.0.0.1"
         self.instance = Instance(
             service=self.name,
-            instance_id=new_instance_id(self.name, advertise),
+            instance_id=instance_id,
             host=advertise,
             port=self.server.port,
             health_port=self.health.port,
@@ -252,6 +280,12 @@ class Service:
                 await client.close()
             except Exception as exc:
                 log.warning("closing a client failed", service=self.name, error=str(exc))
+        if self._config_started:
+            self._config_started = False
+            try:
+                await self.config.stop()
+            except Exception as exc:
+                log.warning("stopping the config watcher failed", service=self.name, error=str(exc))
         if self.health is not None:
             await self.health.stop()
         # tracing: export the spans of the last calls before the process goes away.
@@ -334,5 +368,6 @@ class Service:
                 }
                 for client in self._clients
             ],
-            "config_version": None,
+            "config_version": self.config.version,
+            "config": self.config.info() if self._config_started else None,
         }
