@@ -70,7 +70,9 @@ class KafkaBroker(DevBroker):
                 return
             except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise BrokerError(f"tansu on {self.bootstrap} answers no metadata: {exc}") from exc
+                    raise BrokerError(
+                        f"tansu on {self.bootstrap} answers no metadata: {exc}"
+                    ) from exc
                 time.sleep(0.05)
 
     def admin(self) -> AdminClient:
@@ -89,7 +91,8 @@ class KafkaBroker(DevBroker):
     def produce(
         self,
         topic: str,
-        messages: list[tuple[bytes | None, bytes | None]] | list[tuple[bytes | None, bytes | None, Any]],
+        messages: list[tuple[bytes | None, bytes | None]]
+        | list[tuple[bytes | None, bytes | None, Any]],
     ) -> None:
         """Produce ``(key, value[, headers])`` tuples and wait for all deliveries."""
         producer = self.producer(**{"enable.idempotence": True, "linger.ms": 5})
@@ -140,7 +143,9 @@ class KafkaBroker(DevBroker):
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         consumer = self.consumer(group)
         try:
-            tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+            tps = consumer.committed(
+                [TopicPartition(topic, p) for p in range(partitions)], timeout=10
+            )
             return {tp.partition: tp.offset for tp in tps}
         finally:
             consumer.close()

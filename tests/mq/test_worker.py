@@ -24,7 +24,9 @@ def _worker(broker: KafkaBroker, group: str, subs: list[Subscription], **kw: Any
     return Worker(group, subs, url=broker.url, config=CLIENT_SETTINGS, **kw)
 
 
-async def test_every_message_handled_in_key_order(broker: KafkaBroker, topic: str, group: str) -> None:
+async def test_every_message_handled_in_key_order(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
     n_keys, per_key = 12, 25
     seen: dict[str, list[int]] = defaultdict(list)
     running = 0
