@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
@@ -114,7 +116,7 @@ def replay_dlq(
                         msg.value(),
                         msg.key(),
                         headers=headers,
-                        on_delivery=lambda err, _m: errors.append(str(err)) if err else None,
+                        on_delivery=partial(_report, errors),
                     )
                     producer.poll(0)
                 result.replayed += 1
@@ -140,6 +142,11 @@ def replay_dlq(
     finally:
         consumer.close()
         producer.flush(5)
+
+
+def _report(errors: list[str], err: Any, _msg: Any) -> None:
+    if err is not None:
+        errors.append(str(err))
 
 
 def _at_end(

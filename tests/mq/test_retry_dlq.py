@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any
 
 import pydantic
 from kafka_broker import CLIENT_SETTINGS, KafkaBroker
@@ -38,6 +37,10 @@ def _worker(
 
 def _sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
     return reg.get_sample_value(name, labels) or 0.0
+
+
+def _poison(reg: CollectorRegistry, group: str, topic: str) -> float:
+    return _sample(reg, "meshkit_mq_dead_lettered_total", group=group, topic=topic, reason="poison")
 
 
 async def test_failing_message_walks_retry_topics_to_dlq(
@@ -141,7 +144,7 @@ async def test_poison_and_rejected_go_straight_to_dlq_then_replay(
     await worker.start()
     try:
         await wait_until(
-            lambda: _sample(reg, "meshkit_mq_dead_lettered_total", group=group, topic=topic, reason="poison") == 2
+            lambda: _poison(reg, group, topic) == 2
             and calls["good"] == 1 and calls["reject"] == 1,
             "poison and rejected dead-lettered", limit=30,
         )  # fmt: skip
@@ -168,7 +171,7 @@ async def test_poison_and_rejected_go_straight_to_dlq_then_replay(
         await wait_until(lambda: calls["reject"] == 2, "replayed message handled", limit=30)
         # The poison ones are poison still: back in the DLQ, the replay marked on them.
         await wait_until(
-            lambda: _sample(reg, "meshkit_mq_dead_lettered_total", group=group, topic=topic, reason="poison") == 4,
+            lambda: _poison(reg, group, topic) == 4,
             "poison dead-lettered again", limit=30,
         )  # fmt: skip
         # The next replay starts where the last one stopped: only the two new DLQ entries.

@@ -4,7 +4,6 @@ an unfinished message, bounded concurrency, drain on stop."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections import defaultdict
 from typing import Any
