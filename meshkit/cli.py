@@ -791,5 +791,11 @@ def demo(calls: int | None, concurrency: int, duration: float | None, keep_runni
     sys.exit(code)
 
 
+# -- meshkit mq (Kafka tools: meshkit/cli_mq.py) ---------------------------------------------
+from .cli_mq import mq as _mq_group  # noqa: E402
+
+cli.add_command(_mq_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
