@@ -36,8 +36,8 @@ __all__ = ["CLIENT_SETTINGS", "BrokerError", "KafkaBroker", "fresh"]
 
 #: Consumer settings for tests: quick group joins on tansu (INFRA.md pitfall 1).
 CLIENT_SETTINGS: dict[str, Any] = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
+    "session.timeout.ms": 3000,
+    "heartbeat.interval.ms": 300,
     "max.poll.interval.ms": 10000,
 }
 
