@@ -11,12 +11,14 @@ How it keeps its promises:
   broker acknowledged that); the commit point per partition is the first offset not
   done (:class:`~meshkit.mq.offsets.PartitionState`), committed every
   ``commit_interval`` seconds, on revoke and on stop.
-* **Per-key order, bounded concurrency.** A message goes to lane ``hash(key) % lanes``;
-  each lane runs one handler at a time in fetch order, so messages with the same key
-  are handled in order while different keys run concurrently. Messages without a key
-  are spread over the lanes. At most ``max_buffered`` messages are fetched and not
-  finished; beyond that the assigned partitions are paused (the consumer keeps polling
-  so it stays in the group) and resumed below the mark.
+* **Per-key order, bounded concurrency.** Messages wait in one queue per key; a key
+  is handled by at most one of the ``concurrency`` runner tasks at a time, in fetch
+  order, so messages with the same key are handled in order while different keys run
+  concurrently, and a slow key holds up only itself. Keys take turns (one message,
+  then the key goes to the back). Messages without a key have no order to keep. At
+  most ``max_buffered`` messages are fetched and not finished; beyond that the assigned
+  partitions are paused (the consumer keeps polling so it stays in the group) and
+  resumed below half of it.
 * **Retries without stalling the partition.** See :class:`~meshkit.mq.RetryPolicy`. A
   message read from ``<topic>.retry.N`` before its time pauses that retry partition and
   seeks back to it; the partition resumes when the message is due.
@@ -32,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -112,23 +113,45 @@ def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int 
     return len(meta.partitions)
 
 
-class _Lane:
-    """One ordered queue of messages and the task that handles them one at a time."""
+_Entry = tuple[Message, PartitionState]
 
-    __slots__ = ("queue", "task", "wakeup")
+
+class _Runnable:
+    """Work for the runners: keys with queued messages, and messages without a key."""
+
+    __slots__ = ("by_key", "idle", "ready")
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[Message, PartitionState]] = deque()
-        self.wakeup: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        #: key → its queued messages; present while the key is ready or being handled
+        self.by_key: dict[bytes, deque[_Entry]] = {}
+        #: keys (bytes) whose turn is coming, and unkeyed entries, in arrival order
+        self.ready: deque[bytes | _Entry] = deque()
+        #: runners waiting for work
+        self.idle: deque[asyncio.Future[None]] = deque()
+
+    def add(self, key: bytes | None, entry: _Entry) -> None:
+        if key is None:
+            self.ready.append(entry)
+        else:
+            queue = self.by_key.get(key)
+            if queue is not None:
+                queue.append(entry)  # the key is ready or being handled already
+                return
+            self.by_key[key] = deque((entry,))
+            self.ready.append(key)
+        while self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
 
 class Worker:
     """A consumer group member that runs the handlers of ``subscriptions``.
 
     ``group``: the consumer group (one Kafka consumer per worker); ``url``:
-    ``kafka://host:port`` (default ``MESHKIT_MQ``); ``concurrency``: handler lanes
-    (handlers running at once); ``max_buffered``: messages fetched and not finished
+    ``kafka://host:port`` (default ``MESHKIT_MQ``); ``concurrency``: handlers running at
+    once (each on a different key); ``max_buffered``: messages fetched and not finished
     before partitions are paused; ``drain_timeout``: seconds to let fetched messages
     finish on revoke and stop; ``config``: librdkafka settings over
     :data:`DEFAULT_CONSUMER_CONFIG`; ``publisher``: used for retry topics and the DLQ
@@ -206,11 +229,11 @@ class Worker:
         self._assigned: set[_TPKey] = set()
         self._held: dict[_TPKey, float] = {}  # retry partitions paused until (loop time)
         self._paused_all = False
-        self._lanes: list[_Lane] = [_Lane() for _ in range(concurrency)]
-        self._round_robin = 0
+        self._work = _Runnable()
+        self._runners: list[asyncio.Task[None]] = []
         self.in_flight = 0
         self._capacity = asyncio.Event()
-        self._progress = asyncio.Event()  # set each time a lane finishes a message
+        self._progress = asyncio.Event()  # set each time a runner finishes a message
         self._background: set[asyncio.Future[Any]] = set()
         self._stopping = False
         self._consume_task: asyncio.Task[None] | None = None
@@ -256,8 +279,7 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        for lane in self._lanes:
-            lane.task = asyncio.create_task(self._run_lane(lane))
+        self._runners = [asyncio.create_task(self._run()) for _ in range(self.concurrency)]
         self._consume_task = asyncio.create_task(self._consume_loop())
         self._commit_task = asyncio.create_task(self._commit_loop())
         log.info(
@@ -303,12 +325,9 @@ class Worker:
         offsets = self._commit_offsets(states)
         if offsets and self._consumer is not None:
             await self._call(self._commit_sync, offsets)
-        for lane in self._lanes:
-            if lane.task is not None:
-                lane.task.cancel()
-        await asyncio.gather(
-            *(lane.task for lane in self._lanes if lane.task), return_exceptions=True
-        )
+        for runner in self._runners:
+            runner.cancel()
+        await asyncio.gather(*self._runners, return_exceptions=True)
         if self._consumer is not None:
             await self._call(self._consumer.close)
         if self._io is not None:
@@ -408,15 +427,7 @@ class Worker:
                 state = self._states[key] = PartitionState(topic, partition)
             state.add(msg.offset())
             self.in_flight += 1
-            k = msg.key()
-            if k is None:
-                self._round_robin += 1
-                lane = self._lanes[self._round_robin % self.concurrency]
-            else:
-                lane = self._lanes[zlib.crc32(k) % self.concurrency]
-            lane.queue.append((msg, state))
-            if lane.wakeup is not None and not lane.wakeup.done():
-                lane.wakeup.set_result(None)
+            self._work.add(msg.key(), (msg, state))
         self._in_flight_gauge.set(self.in_flight)
         if held_now:
             self._spawn(self._hold(held_now))
@@ -626,27 +637,41 @@ class Worker:
         with contextlib.suppress(KeyError):
             self.metrics.lag.remove(self.group, key[0], str(key[1]))
 
-    # -- handling (lanes) ------------------------------------------------------------------
+    # -- handling (runners) ----------------------------------------------------------------
 
-    async def _run_lane(self, lane: _Lane) -> None:
+    async def _run(self) -> None:
+        """One runner: takes a key's next message (or an unkeyed one) and handles it."""
         assert self._loop is not None
-        queue = lane.queue
+        work = self._work
+        ready, by_key = work.ready, work.by_key
         while True:
-            if not queue:
-                lane.wakeup = self._loop.create_future()
-                await lane.wakeup
-                lane.wakeup = None
+            if not ready:
+                waiter = self._loop.create_future()
+                work.idle.append(waiter)
+                await waiter
                 continue
-            msg, state = queue.popleft()
+            item = ready.popleft()
+            if isinstance(item, bytes):
+                key: bytes | None = item
+                queue = by_key[item]
+                msg, state = queue.popleft()
+            else:
+                key = None
+                msg, state = item
             try:
                 if not state.revoked and await self._handle(msg, state):
                     state.finish(msg.offset())
             finally:
+                if key is not None:
+                    if queue:
+                        ready.append(key)  # its next message waits for its turn
+                    else:
+                        del by_key[key]
                 self.in_flight -= 1
                 self._progress.set()
                 if self.in_flight <= self.max_buffered // 2 and not self._capacity.is_set():
                     self._capacity.set()
-                if not queue:
+                if not ready:
                     self._in_flight_gauge.set(self.in_flight)
 
     def _labels_for(self, topic: str) -> tuple[Any, ...]:

@@ -19,8 +19,8 @@ from waiting import wait_until
 
 from meshkit.mq import (
     MessageContext,
-    Publisher,
     PublishBufferFull,
+    Publisher,
     PublishError,
     Subscription,
     Worker,
@@ -48,15 +48,23 @@ async def test_publish_awaits_delivery_with_key_headers_and_codecs(
         assert await pub.close() == 0
     assert d1.topic == topic and d2.partition == d1.partition and d2.offset == d1.offset + 1
     msgs = {(m.partition(), m.offset()): m for m in await asyncio.to_thread(broker.read_all, topic)}
-    m1, m2, m3 = msgs[(d1.partition, d1.offset)], msgs[(d2.partition, d2.offset)], msgs[(d3.partition, d3.offset)]
+    m1, m2, m3 = (
+        msgs[(d1.partition, d1.offset)],
+        msgs[(d2.partition, d2.offset)],
+        msgs[(d3.partition, d3.offset)],
+    )
     assert m1.key() == b"cust-1" and m1.value() == b'{"id":"p1","cents":250}'
     assert ("h", b"v") in (m1.headers() or [])
     assert m2.value() == b"\x00raw"
     assert m3.key() == b"7" and m3.value() == b'{"n":3}'
-    assert reg.get_sample_value("meshkit_mq_published_total", {"topic": topic, "outcome": "ok"}) == 3
+    assert (
+        reg.get_sample_value("meshkit_mq_published_total", {"topic": topic, "outcome": "ok"}) == 3
+    )
 
 
-async def test_full_buffer_is_a_clear_error_and_loses_nothing(broker: KafkaBroker, topic: str) -> None:
+async def test_full_buffer_is_a_clear_error_and_loses_nothing(
+    broker: KafkaBroker, topic: str
+) -> None:
     reg = CollectorRegistry()
     # A long linger keeps everything in the buffer while the loop below fills it.
     pub = Publisher(
@@ -101,7 +109,9 @@ def test_bad_urls_and_values_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -
     assert Publisher("kafka://a:1,b").bootstrap == "a:1,b:9092"
 
 
-async def test_unserialisable_value_is_rejected_before_enqueueing(broker: KafkaBroker, topic: str) -> None:
+async def test_unserialisable_value_is_rejected_before_enqueueing(
+    broker: KafkaBroker, topic: str
+) -> None:
     pub = Publisher(broker.url)
     try:
         with pytest.raises(TypeError, match="JSON"):
@@ -154,7 +164,9 @@ async def test_trace_context_travels_producer_to_consumer(
     assert producer.kind is trace.SpanKind.PRODUCER and consumer.kind is trace.SpanKind.CONSUMER
     trace_id = root.get_span_context().trace_id
     assert producer.context.trace_id == consumer.context.trace_id == trace_id
-    assert producer.parent is not None and producer.parent.span_id == root.get_span_context().span_id
+    assert (
+        producer.parent is not None and producer.parent.span_id == root.get_span_context().span_id
+    )
     assert consumer.parent is not None and consumer.parent.span_id == producer.context.span_id
     assert [link.context.span_id for link in consumer.links] == [producer.context.span_id]
     assert consumer.attributes["messaging.destination.name"] == topic

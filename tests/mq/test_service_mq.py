@@ -77,14 +77,15 @@ async def test_info_and_metrics_show_the_worker(
         await wait_until(lambda: len(seen) == 5, "handled", limit=30)
         base = f"http://127.0.0.1:{svc.health_port}"
 
-        async def lag_reported() -> bool:
+        async def lag_zero_everywhere() -> bool:
             _, text = await asyncio.to_thread(_get, base + "/metrics")
-            return "meshkit_mq_consumer_lag{" in text and "meshkit_mq_processed_total{" in text
+            lags = [ln for ln in text.splitlines() if ln.startswith("meshkit_mq_consumer_lag{")]
+            # one gauge per assigned partition (topic and retry topics), all caught up
+            return len(lags) == 9 and all(ln.endswith(" 0.0") for ln in lags)
 
-        await wait_until(lag_reported, "lag and processed in /metrics", limit=10)
+        await wait_until(lag_zero_everywhere, "lag 0 on every partition in /metrics", limit=10)
         _, text = await asyncio.to_thread(_get, base + "/metrics")
-        lags = [line for line in text.splitlines() if line.startswith("meshkit_mq_consumer_lag{")]
-        assert lags and all(line.endswith(" 0.0") for line in lags), lags
+        assert f'meshkit_mq_processed_total{{group="{group}",topic="{topic}"}} 5.0' in text
         import json
 
         _, body = await asyncio.to_thread(_get, base + "/info")
