@@ -102,7 +102,7 @@ class JsonCodec:
             raise DecodeError(f"expected a JSON payload, found {_preview(data)}: {exc}") from exc
         if model is None:
             return obj
-        if dataclasses.is_dataclass(model):
+        if isinstance(model, type) and dataclasses.is_dataclass(model):
             if not isinstance(obj, dict):
                 raise DecodeError(
                     f"expected a JSON object for {model.__name__}, found {type(obj).__name__}"

@@ -22,7 +22,7 @@ the original key, value and headers, plus:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 ORIGINAL_TOPIC = "meshkit-original-topic"
 ORIGINAL_PARTITION = "meshkit-original-partition"
@@ -59,11 +59,24 @@ MESHKIT_HEADERS = frozenset(
 
 HeaderList = list[tuple[str, bytes]]
 
+#: Headers as confluent-kafka hands them out (or takes them).
+RawHeaders = Mapping[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None
 
-def header_map(headers: Iterable[tuple[str, bytes | str | None]] | None) -> dict[str, str]:
+
+def _items(
+    headers: RawHeaders | Iterable[tuple[str, bytes | str | None]],
+) -> Iterable[tuple[str, str | bytes | None]]:
+    if headers is None:
+        return ()
+    if isinstance(headers, Mapping):
+        return headers.items()
+    return headers
+
+
+def header_map(headers: RawHeaders) -> dict[str, str]:
     """Headers as ``{name: text}`` (the last value wins for a repeated name)."""
     out: dict[str, str] = {}
-    for name, value in headers or ():
+    for name, value in _items(headers):
         if isinstance(value, bytes):
             out[name] = value.decode("utf-8", "replace")
         else:
@@ -72,7 +85,7 @@ def header_map(headers: Iterable[tuple[str, bytes | str | None]] | None) -> dict
 
 
 def replace_headers(
-    headers: Iterable[tuple[str, bytes | str | None]] | None,
+    headers: RawHeaders,
     updates: Mapping[str, str | None],
     *,
     drop: Iterable[str] = (),
@@ -81,7 +94,7 @@ def replace_headers(
     (``None`` values are left out)."""
     removed = set(updates) | set(drop)
     out: HeaderList = []
-    for name, value in headers or ():
+    for name, value in _items(headers):
         if name in removed:
             continue
         if value is None:

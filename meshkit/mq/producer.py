@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -239,7 +239,12 @@ class Publisher:
 
         try:
             self._producer.produce(
-                topic, payload, key, headers=headers or None, on_delivery=on_delivery, **kwargs
+                topic,
+                payload,
+                key,
+                headers=cast(Any, headers or None),
+                on_delivery=on_delivery,
+                **kwargs,
             )
         except BufferError:
             end_producer_span(span, None, None, "buffer full")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
@@ -115,7 +115,7 @@ def replay_dlq(
                         target,
                         msg.value(),
                         msg.key(),
-                        headers=headers,
+                        headers=cast(Any, headers),
                         on_delivery=partial(_report, errors),
                     )
                     producer.poll(0)

@@ -12,6 +12,7 @@ continue the trace.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -19,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from ..tracing.propagation import extract_kafka, inject_kafka
+from .headers import RawHeaders
 
 _recheck_after = 1.0
 _recording_until = 0.0
@@ -82,8 +84,20 @@ def end_producer_span(
     span.end()
 
 
-def has_trace_headers(headers: list[tuple[str, bytes]] | None) -> bool:
-    return bool(headers) and any(name == "traceparent" for name, _ in headers or ())
+def _pairs(headers: RawHeaders) -> list[tuple[str, bytes | str | None]]:
+    if headers is None:
+        return []
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+def has_trace_headers(headers: RawHeaders) -> bool:
+    if not headers:
+        return False
+    if isinstance(headers, Mapping):
+        return "traceparent" in headers
+    return any(name == "traceparent" for name, _ in headers)
 
 
 class ConsumerSpan:
@@ -98,10 +112,10 @@ class ConsumerSpan:
         partition: int,
         offset: int,
         key: bytes | None,
-        headers: list[tuple[str, bytes]] | None,
+        headers: RawHeaders,
     ) -> None:
         self.span: Span | None = None
-        parent = extract_kafka(headers) if has_trace_headers(headers) else None
+        parent = extract_kafka(_pairs(headers)) if has_trace_headers(headers) else None
         if not recording():
             self.token = otel_context.attach(parent) if parent is not None else None
             return

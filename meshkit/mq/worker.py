@@ -36,7 +36,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -406,8 +406,7 @@ class Worker:
                     self.last_error = err.str()
                     log.warning("consumer error", group=self.group, error=err.str())
                 continue
-            topic = msg.topic()
-            partition = msg.partition()
+            topic, partition, offset = _where(msg)
             key = (topic, partition)
             if key in held_keys:
                 continue
@@ -425,7 +424,7 @@ class Worker:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = PartitionState(topic, partition)
-            state.add(msg.offset())
+            state.add(offset)
             self.in_flight += 1
             self._work.add(msg.key(), (msg, state))
         self._in_flight_gauge.set(self.in_flight)
@@ -435,7 +434,7 @@ class Worker:
     async def _hold(self, held: list[tuple[Message, float]]) -> None:
         """Pause retry partitions whose next message is not due and seek back to it."""
         assert self._loop is not None
-        tps = [TopicPartition(m.topic(), m.partition(), m.offset()) for m, _ in held]
+        tps = [TopicPartition(*_where(m)) for m, _ in held]
 
         def pause_and_seek() -> None:
             assert self._consumer is not None
@@ -452,7 +451,8 @@ class Worker:
         await self._call(pause_and_seek)
         now_ms = time.time() * 1000
         for msg, due in held:
-            key = (msg.topic(), msg.partition())
+            topic, partition, _ = _where(msg)
+            key = (topic, partition)
             self._held[key] = due
             self._loop.call_later(max(0.0, (due - now_ms) / 1000), self._release, key, due)
 
@@ -660,7 +660,7 @@ class Worker:
                 msg, state = item
             try:
                 if not state.revoked and await self._handle(msg, state):
-                    state.finish(msg.offset())
+                    state.finish(_where(msg)[2])
             finally:
                 if key is not None:
                     if queue:
@@ -687,7 +687,7 @@ class Worker:
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
         """Run the handler with retries; ``True`` when the message is done with."""
-        topic = msg.topic()
+        topic, partition, offset = _where(msg)
         sub, level = self._routes[topic]
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
@@ -709,8 +709,8 @@ class Worker:
                 return False
             ctx = MessageContext(
                 topic=topic,
-                partition=msg.partition(),
-                offset=msg.offset(),
+                partition=partition,
+                offset=offset,
                 key=msg.key(),
                 headers=text_headers,
                 timestamp=_timestamp(msg),
@@ -720,9 +720,7 @@ class Worker:
                 retry_level=level,
                 raw=msg.value(),
             )
-            span = ConsumerSpan(
-                topic, self.group, msg.partition(), msg.offset(), msg.key(), raw_headers
-            )
+            span = ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
             start = time.perf_counter()
             try:
                 if sub.is_async:
@@ -748,8 +746,8 @@ class Worker:
                     "handler failed",
                     group=self.group,
                     topic=topic,
-                    partition=msg.partition(),
-                    offset=msg.offset(),
+                    partition=partition,
+                    offset=offset,
                     attempt=prior + attempt,
                     error=f"{type(exc).__name__}: {exc}",
                 )
@@ -879,14 +877,19 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
 
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message (never ``None`` for one)."""
+    return cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
+
+
 def _not_before(msg: Message) -> float | None:
-    for name, value in msg.headers() or ():
-        if name == H.NOT_BEFORE and value:
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
+    value = H.header_map(msg.headers()).get(H.NOT_BEFORE)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _timestamp(msg: Message) -> int | None:
