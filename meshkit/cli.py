@@ -802,6 +802,11 @@ from .cli_config import config as _config_group  # noqa: E402
 
 cli.add_command(_config_group)
 
+# -- meshkit mq (Kafka tools: meshkit/cli_mq.py) ---------------------------------------------
+from .cli_mq import mq as _mq_group  # noqa: E402
+
+cli.add_command(_mq_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

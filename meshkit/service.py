@@ -57,6 +57,9 @@ DEFAULT: Any = _Default()
 class Service:
     """One Thrift service: its implementation, its server, and its place in the mesh.
 
+    ``service`` (the Thrift service class) may be omitted for a process that only runs
+    Kafka workers (``@svc.subscribe``): it then serves health and metrics, runs its
+    workers and does not register (there is no RPC endpoint to discover).
     ``registry``: a :class:`~meshkit.registry.Registry`, a URL, ``DEFAULT``
     (``MESHKIT_REGISTRY`` or ``local://``) or ``None`` (do not register).
     Listening addresses come from arguments, then ``MESHKIT_*`` variables.
@@ -65,7 +68,7 @@ class Service:
     def __init__(
         self,
         name: str,
-        service: Any,
+        service: Any = None,
         *,
         version: str = "0.0.0",
         registry: Registry | str | None = DEFAULT,
@@ -134,6 +137,8 @@ class Service:
                 metrics_registry=self.metrics_registry,
             )
         self._config_started = False
+        # -- MQ (meshkit.mq, imported lazily: confluent-kafka is an optional extra) --
+        self._mq: Any = None
 
     # -- building ----------------------------------------------------------
 
@@ -156,6 +161,38 @@ class Service:
         self._clients.append(client)
         return client
 
+    # -- MQ: Kafka workers and publishing -------------------------------------
+
+    @property
+    def mq(self) -> Any:
+        """The :class:`meshkit.mq.runtime.MqRuntime` (created on first use)."""
+        if self._mq is None:
+            from .mq.runtime import MqRuntime
+
+            self._mq = MqRuntime(
+                self.name,
+                self.settings.mq or None,
+                metrics_registry=self.metrics_registry,
+                drain_timeout=self.settings.drain_timeout,
+            )
+        return self._mq
+
+    def subscribe(self, topic: str, **options: Any) -> Any:
+        """Decorator: handle messages of ``topic`` with ``async def handler(msg, ctx)``.
+
+        Options: ``group`` (default: the service name), ``model`` (payload type: a
+        pydantic model, dataclass, Thrift struct, ``bytes``, or ``None`` for plain JSON),
+        ``codec``, ``retry`` (a :class:`meshkit.mq.RetryPolicy`), and worker options
+        (``concurrency``, ``max_buffered``, ``config``, …; see :class:`meshkit.mq.Worker`).
+        Workers start with the service and drain when it stops.
+        """
+        return self.mq.subscribe(topic, **options)
+
+    async def publish(self, topic: str, value: Any, **options: Any) -> Any:
+        """Publish ``value`` to ``topic`` and wait for the broker (``key=``, ``headers=``,
+        ``codec=``); see :meth:`meshkit.mq.Publisher.publish`."""
+        return await self.mq.publish(topic, value, **options)
+
     # -- lifecycle -----------------------------------------------------------
 
     @property
@@ -174,7 +211,7 @@ class Service:
         self, host: str | None = None, port: int | None = None, health_port: int | None = None
     ) -> None:
         """Start serving RPC and health, then register. Returns once ready."""
-        if self.implementation is None:
+        if self.implementation is None and self.service is not None:
             raise ConfigError(
                 f"service {self.name!r} has no implementation: use @svc.implement on a class "
                 "or object that defines the IDL methods"
@@ -192,6 +229,9 @@ class Service:
         # Settings are loaded before the first call can arrive (a ConfigError fails the start).
         await self.config.start(instance_id, {**self.tags, "version": self.version})
         self._config_started = True
+        if self.service is None:
+            await self._start_without_rpc(settings)
+            return
         self.server = RpcServer(
             self.service,
             self.implementation,
@@ -237,6 +277,8 @@ class Service:
                 self._owns_registry = True
             await self.registry.register(self.instance)
             self.state.set_registered(True)
+        if self._mq is not None and self._mq.has_subscriptions:
+            await self._mq.start()
         log.info(
             "service started",
             service=self.name,
@@ -246,6 +288,32 @@ class Service:
             registry=getattr(self.registry, "url", None),
             instance=self.instance.instance_id,
             pipeline=self.server.pipeline.describe(),
+        )
+
+    async def _start_without_rpc(self, settings: Settings) -> None:
+        """A workers-only process: health endpoint and workers, no RPC, no registration."""
+        self.state.requires_registration = False
+        self.loop_monitor = LoopMonitor(service=self.name, registry=self.metrics_registry)
+        self.loop_monitor.start()
+        self.health = HealthServer(
+            host=settings.health_host or settings.host,
+            port=settings.health_port,
+            state=self.state,
+            registry=self.metrics_registry,
+            info=self.info,
+            loop_monitor=self.loop_monitor,
+        )
+        await self.health.start()
+        if self._mq is not None and self._mq.has_subscriptions:
+            await self._mq.start()
+        self.state.set_phase(Phase.SERVING)
+        log.info(
+            "service started",
+            service=self.name,
+            version=self.version,
+            health=self.health.url,
+            rpc=None,
+            workers=[w.group for w in self._mq.workers] if self._mq is not None else [],
         )
 
     async def stop(self, drain_timeout: float | None = None) -> bool:
@@ -265,6 +333,11 @@ class Service:
                 log.warning("deregistration failed", service=self.name, error=str(exc))
             self.state.set_registered(False)
         finished = True
+        # RPC calls and MQ messages in flight drain together; the publisher flushes after
+        # both, since handlers of either kind may publish.
+        workers_drained: asyncio.Task[bool] | None = None
+        if self._mq is not None and self._mq.workers:
+            workers_drained = asyncio.create_task(self._mq.drain(timeout))
         if self.server is not None:
             in_flight = self.server.in_flight
             finished = await self.server.drain(timeout)
@@ -274,6 +347,10 @@ class Service:
                 calls_in_flight_at_stop=in_flight,
                 finished=finished,
             )
+        if workers_drained is not None:
+            finished = await workers_drained and finished
+        if self._mq is not None:
+            await self._mq.close(timeout)
         self.state.set_phase(Phase.STOPPED)
         for client in self._clients:
             try:
@@ -370,4 +447,5 @@ class Service:
             ],
             "config_version": self.config.version,
             "config": self.config.info() if self._config_started else None,
+            "mq": self._mq.info() if self._mq is not None else None,
         }
