@@ -264,6 +264,8 @@ class OutlierEjection:
 
     # -- the observer
 
+    observes_start = False  # on_start does nothing: the pick stage skips it
+
     def on_start(self, endpoint: Endpoint, ctx: CallContext) -> None:
         """Nothing to do before an attempt (part of the observer protocol)."""
         return None

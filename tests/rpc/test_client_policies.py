@@ -12,6 +12,7 @@ from meshkit import Client, InvalidArgument
 from meshkit.rpc.balancer import PeakEwma
 from meshkit.rpc.endpoint import Endpoint, StaticResolver
 from meshkit.rpc.hedge import HedgePolicy
+from meshkit.rpc.pick import Pick
 from meshkit.rpc.route import RoutingTable
 from meshkit.rpc.server import RpcServer
 
@@ -27,12 +28,13 @@ def named(name: str, delay: float = 0.0) -> EchoImpl:
 
 async def test_default_chain_has_balancer_breakers_and_ejection() -> None:
     client = Client(echo_thrift.Echo, "echo", addr="127.0.0.1:1")
-    pick = client.pipeline.middlewares[-1]
+    (pick,) = [m for m in client.pipeline.middlewares if isinstance(m, Pick)]
     assert isinstance(pick.balancer, PeakEwma)
     kinds = {type(s).__name__ for s in pick.selectors}
     assert {"OutlierEjection", "CircuitBreakers"} <= kinds
     off = Client(echo_thrift.Echo, "echo", addr="127.0.0.1:1", breakers=False, outliers=False)
-    assert off.pipeline.middlewares[-1].selectors == ()
+    (off_pick,) = [m for m in off.pipeline.middlewares if isinstance(m, Pick)]
+    assert off_pick.selectors == ()
     with pytest.raises(InvalidArgument, match="fallbacks must name IDL methods"):
         Client(echo_thrift.Echo, "echo", addr="127.0.0.1:1", fallbacks={"nope": 1})
 
