@@ -188,6 +188,15 @@ class Service:
         # Settings are loaded before the first call can arrive (a ConfigError fails the start).
         await self.config.start(instance_id, {**self.tags, "version": self.version})
         self._config_started = True
+        try:
+            await self._start_serving(settings, advertise, instance_id)
+        except BaseException:
+            self._config_started = False
+            with contextlib.suppress(Exception):
+                await self.config.stop()  # no watcher left behind by a failed start
+            raise
+
+    async def _start_serving(self, settings: Settings, advertise: str, instance_id: str) -> None:
         self.server = RpcServer(
             self.service,
             self.implementation,
