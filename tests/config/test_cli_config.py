@@ -271,3 +271,44 @@ async def test_show_effective_config_of_a_running_service(local_url: str, tmp_pa
         CliRunner().invoke, cli, ["config", "show", "echo", "--registry", registry_url]
     )
     assert r.exit_code == 1 and "no running instance of 'echo'" in r.output
+
+
+async def test_shared_namespace_reports_every_service(store_url: str) -> None:
+    store = store_from_url(store_url)
+    configs = []
+    for service in ("echo", "web"):
+        cfg: ServiceConfig[Any] = ServiceConfig(
+            service, Settings, store=store, environ={}, metrics_registry=CollectorRegistry()
+        )
+        await cfg.start(f"{service}-1", {})
+        configs.append(cfg)
+    try:
+        r = await arun(store_url, "set", "_shared", "greeting", '"hi all"', "--wait", "10")
+        assert r.exit_code == 0, r.output
+        assert re.search(r"echo-1\s+version 1: applied", r.output)
+        assert re.search(r"web-1\s+version 1: applied", r.output)
+        assert [c.value.greeting for c in configs] == ["hi all", "hi all"]
+    finally:
+        for cfg in configs:
+            await cfg.stop()
+        await store.close()
+
+
+def test_console_script_exit_codes(local_url: str) -> None:
+    import subprocess
+
+    ok = subprocess.run(
+        [sys.executable, "-m", "meshkit", "config", "--store", local_url, "set", "echo", "a", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "published echo version 1" in ok.stdout, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "meshkit", "config", "--store", local_url, "get", "nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "no config published for 'nosuch'" in bad.stderr
+    assert bad.stdout == ""
