@@ -181,6 +181,7 @@ class ServiceConfig(Generic[M]):
         self._states: dict[str, NamespaceState] = {}
         self._applied: dict[str, Version | None] = {self.service: None, SHARED: None}
         self._rejected: dict[str, dict[str, Any]] = {}
+        self._vanished: set[str] = set()
         self._store_error: str | None = None
         self._loaded_from_cache = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -448,6 +449,21 @@ class ServiceConfig(Generic[M]):
                 if state is not None
                 else self._applied.get(ns)
             )
+            if chosen[ns] is None and self._applied.get(ns) is not None:
+                # The namespace vanished from the store (deleted, or a store that lost its
+                # data): nothing to validate, so keep what runs rather than fall back to
+                # defaults behind everyone's back.
+                if ns not in self._vanished:
+                    self._vanished.add(ns)
+                    _log.warning(
+                        "config namespace vanished from the store; keeping the version in force",
+                        service=self.service,
+                        namespace=ns,
+                        version=_number(self._applied.get(ns)),
+                    )
+                chosen[ns] = self._applied[ns]
+            elif chosen[ns] is not None:
+                self._vanished.discard(ns)
         changed = [ns for ns in chosen if _number(chosen[ns]) != _number(self._applied[ns])]
         if not changed:
             return
