@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry
+from pydantic import BaseModel
 
 from . import _loop
 from .client import Client, set_process_service
@@ -56,6 +57,9 @@ class Service:
 
     ``registry``: a :class:`~meshkit.registry.Registry`, a URL, ``DEFAULT``
     (``MESHKIT_REGISTRY`` or ``local://``) or ``None`` (do not register).
+    ``config``: the settings schema (a pydantic model; see :mod:`meshkit.config`), followed
+    in ``config_store`` (default ``MESHKIT_CONFIG`` or ``local://``; with no schema, only
+    when ``MESHKIT_CONFIG`` is set), layered with ``config_file`` and ``config_overrides``.
     Listening addresses come from arguments, then ``MESHKIT_*`` variables.
     """
 
@@ -78,7 +82,7 @@ class Service:
         tracer: TracerHook | None = None,
         metrics_registry: CollectorRegistry | None = None,
         settings: Settings | None = None,
-        config: Any = None,
+        config: type[BaseModel] | ServiceConfig[Any] | None = None,
         config_store: ConfigStore | str | None = DEFAULT,
         config_file: str | os.PathLike[str] | None = None,
         config_overrides: Mapping[str, Any] | None = None,
