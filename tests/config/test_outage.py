@@ -215,8 +215,9 @@ async def test_etcd_rebuilt_without_data_keeps_config_and_follows_new_versions(
     await cfg.start("echo-1", {})
     try:
         assert cfg.value.n == 3
-        await etcd.arestart(fresh=True)  # every key and revision lost
+        await etcd.astop()
         await wait_until(lambda: cfg.info()["store_reachable"] is False, "the outage noticed")
+        await etcd.arestart(fresh=True)  # back with every key and revision lost
         await wait_until(lambda: cfg.info()["store_reachable"] is True, "back", limit=20)
         assert cfg.value.n == 3  # the store is empty: the version in force stays
         await _retry(lambda: publisher.set_key("echo", "n", 7))  # version 1 of the new store
