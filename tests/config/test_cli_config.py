@@ -4,6 +4,7 @@ gray publish/promote/abort, acks from running instances, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import stat
 import sys
@@ -136,6 +137,15 @@ def test_replace_and_edit(local_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert saved and Path(saved.group(1)).read_text() == "{not json"  # the edit is not lost
     Path(saved.group(1)).unlink()
     assert run(local_url, "get", "echo", "limit").output.strip() == "8"
+    # A store that refuses the edit (a gray release in progress) keeps the text too.
+    assert run(local_url, "gray", "publish", "echo", "limit", "9", "--instance", "x").exit_code == 0
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    editor.write_text(editor.read_text().replace("= 8", "= 10"))
+    r = run(local_url, "edit", "echo")
+    assert r.exit_code == 2 and "gray release of 'echo' version 3 is in progress" in r.output
+    saved = re.search(r"saved in (\S+) ", r.output)
+    assert saved and json.loads(Path(saved.group(1)).read_text())["limit"] == 10
+    Path(saved.group(1)).unlink()
 
 
 async def _instances(url: str, fleet: dict[str, dict[str, str]]) -> list[ServiceConfig[Any]]:
