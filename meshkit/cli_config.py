@@ -426,12 +426,14 @@ def edit(ctx: click.Context, service: str, message: str, author: str | None, wai
     try:
         _run(ctx, work)
     except click.ClickException as exc:
-        if not published:  # keep the edit: the store refused it or could not be reached
-            exc.message += (
-                f". Nothing published; your text is saved in {save()} "
-                f"(`meshkit config replace {service} FILE` publishes it)"
-            )
-        raise
+        if published:
+            raise
+        # Keep the edit: the store refused it or could not be reached.
+        kept = type(exc)(
+            f"{exc.message}. Nothing published; your text is saved in {save()} "
+            f"(`meshkit config replace {service} FILE` publishes it)"
+        )
+        raise kept from None
 
 
 @config.command()
