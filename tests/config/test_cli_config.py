@@ -322,3 +322,26 @@ def test_console_script_exit_codes(local_url: str) -> None:
     )
     assert bad.returncode == 2 and "no config published for 'nosuch'" in bad.stderr
     assert bad.stdout == ""
+
+
+async def test_gray_by_percent_reaches_exactly_the_hashed_subset(local_url: str) -> None:
+    from meshkit.config import Selector
+
+    assert (await arun(local_url, "set", "echo", "limit", "1")).exit_code == 0
+    fleet = {f"echo-{i}": {"zone": "a" if i % 2 else "b"} for i in range(12)}
+    configs = await _instances(local_url, fleet)
+    try:
+        r = await arun(
+            local_url, "gray", "publish", "echo", "limit", "2", "--percent", "60", "--tag", "zone=a"
+        )
+        assert r.exit_code == 0, r.output
+        chosen = Selector(tags={"zone": "a"}, percent=60)
+        gray = {i for i, t in fleet.items() if chosen.matches("echo", i, t)}
+        assert gray == {"echo-3", "echo-9"}  # 2 of the 6 in zone a (md5 of namespace:id)
+        assert {c.instance_id: c.value.limit for c in configs} == {
+            i: 2 if i in gray else 1 for i in fleet
+        }
+        assert "12 of 12 instances applied" in r.output
+    finally:
+        for cfg in configs:
+            await cfg.stop()
