@@ -9,8 +9,9 @@ run a meshkit ``ServiceConfig`` (pydantic schema, the service's and the shared n
 followed, validation before apply) with an ``@on_change`` callback that writes
 ``time.time()`` to stdout. The parent publishes ``meshkit config set bench n <k>`` through
 ``ConfigStore.set_key`` and takes, per worker, the time from just before the call to the
-callback running in that worker (wall clock; all processes are on this host). Sets are
-spaced so they do not overlap: the next one starts when every worker applied the last.
+callback running in that worker (wall clock; all processes are on this host). Sets do not
+overlap: the next one starts 10-40 ms (random, so it does not lock onto the local store's
+20 ms poll) after every worker applied the last.
 
 Baseline (same run, same store): the raw backend notification, put -> event of a plain
 ``KV.watch`` in the parent, with no version record, validation or callback. The ratio
@@ -27,6 +28,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -142,7 +144,7 @@ async def measure(url: str, workers_n: int, sets: int) -> list[float]:
             await store.set_key(NAMESPACE, "n", k, message="bench")
             stamps = await asyncio.gather(*waits)
             samples += [(s - t0) * 1000 for s in stamps]
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(random.uniform(0.01, 0.04))  # no phase lock with polling
         return samples
     finally:
         await asyncio.gather(*(w.stop() for w in workers))
@@ -169,7 +171,7 @@ async def raw_baseline(url: str, sets: int) -> list[float]:
             t0 = time.time()
             await kv.put("rawbench/x", str(k))
             samples.append((await asyncio.wait_for(got.get(), 10) - t0) * 1000)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(random.uniform(0.01, 0.04))  # no phase lock with polling
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -396,27 +396,44 @@ def edit(ctx: click.Context, service: str, message: str, author: str | None, wai
     if edited is None or edited.strip() == original.strip():
         click.echo("no change; nothing published")
         return
+
+    def save() -> str:
+        fd, path = tempfile.mkstemp(prefix=f"meshkit-config-{service}-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(edited)
+        return path
+
     try:
         values = json.loads(edited)
         if not isinstance(values, dict):
             raise ValueError("expected a JSON object at the top level")
     except ValueError as exc:
-        fd, path = tempfile.mkstemp(prefix=f"meshkit-config-{service}-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(edited)
+        path = save()
         _usage(
             f"the edited config is not a valid JSON object ({exc}); nothing published. "
             f"Your text is saved in {path}: fix it and run "
             f"`meshkit config replace {service} {path}`"
         )
+    published: list[Any] = []
 
     async def work(store: Any) -> None:
         version = await store.replace(
             service, values, author=author, message=message or "edit", kind="edit"
         )
+        published.append(version)
         await _after_publish(store, version, wait)
 
-    _run(ctx, work)
+    try:
+        _run(ctx, work)
+    except click.ClickException as exc:
+        if published:
+            raise
+        # Keep the edit: the store refused it or could not be reached.
+        kept = type(exc)(
+            f"{exc.message}. Nothing published; your text is saved in {save()} "
+            f"(`meshkit config replace {service} FILE` publishes it)"
+        )
+        raise kept from None
 
 
 @config.command()

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry
+from pydantic import BaseModel
 
 from . import _loop
 from .client import Client, set_process_service
@@ -62,6 +63,9 @@ class Service:
     workers and does not register (there is no RPC endpoint to discover).
     ``registry``: a :class:`~meshkit.registry.Registry`, a URL, ``DEFAULT``
     (``MESHKIT_REGISTRY`` or ``local://``) or ``None`` (do not register).
+    ``config``: the settings schema (a pydantic model; see :mod:`meshkit.config`), followed
+    in ``config_store`` (default ``MESHKIT_CONFIG`` or ``local://``; with no schema, only
+    when ``MESHKIT_CONFIG`` is set), layered with ``config_file`` and ``config_overrides``.
     Listening addresses come from arguments, then ``MESHKIT_*`` variables.
     """
 
@@ -84,7 +88,7 @@ class Service:
         tracer: TracerHook | None = None,
         metrics_registry: CollectorRegistry | None = None,
         settings: Settings | None = None,
-        config: Any = None,
+        config: type[BaseModel] | ServiceConfig[Any] | None = None,
         config_store: ConfigStore | str | None = DEFAULT,
         config_file: str | os.PathLike[str] | None = None,
         config_overrides: Mapping[str, Any] | None = None,
@@ -229,9 +233,18 @@ class Service:
         # Settings are loaded before the first call can arrive (a ConfigError fails the start).
         await self.config.start(instance_id, {**self.tags, "version": self.version})
         self._config_started = True
-        if self.service is None:
-            await self._start_without_rpc(settings)
-            return
+        try:
+            if self.service is None:
+                await self._start_without_rpc(settings)
+            else:
+                await self._start_serving(settings, advertise, instance_id)
+        except BaseException:
+            self._config_started = False
+            with contextlib.suppress(Exception):
+                await self.config.stop()  # no watcher left behind by a failed start
+            raise
+
+    async def _start_serving(self, settings: Settings, advertise: str, instance_id: str) -> None:
         self.server = RpcServer(
             self.service,
             self.implementation,

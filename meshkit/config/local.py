@@ -339,6 +339,9 @@ class LocalKV(KV):
                 if self._rotated(f):
                     # Finish the old file (read above to its end), then follow the new one.
                     f.close()
+                    if self._read_rev()[0] < start_revision - 1:
+                        # The store was wiped and started again from revision 0.
+                        raise Unavailable(f"config store {self.url} was reset")
                     f = self._open_journal(start_revision)
                     buffer = b""
                     continue

@@ -42,7 +42,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
@@ -181,6 +181,7 @@ class ServiceConfig(Generic[M]):
         self._states: dict[str, NamespaceState] = {}
         self._applied: dict[str, Version | None] = {self.service: None, SHARED: None}
         self._rejected: dict[str, dict[str, Any]] = {}
+        self._vanished: set[str] = set()
         self._store_error: str | None = None
         self._loaded_from_cache = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -265,6 +266,8 @@ class ServiceConfig(Generic[M]):
         Raises :class:`~meshkit.errors.ConfigError` when no acceptable settings exist
         (e.g. a required key is set nowhere, or a file is malformed).
         """
+        if self._started:
+            raise RuntimeError(f"the config of {self.service!r} is already started")
         self.instance_id = instance_id or f"{self.service}-{socket.gethostname()}-{os.getpid()}"
         self.tags = dict(tags or {})
         self._static = None
@@ -277,15 +280,20 @@ class ServiceConfig(Generic[M]):
             self._owns_store = True
         else:
             self.store = self._store_arg
-        if self.store is not None:
-            await self._initial_states()
-        self._reconcile()
-        if self._value is None:
-            # No acceptable store version: start on the layers without the store.
-            model, sources = self._build({self.service: None, SHARED: None})
-            self._value, self._sources = model, sources
-            self._applied = {self.service: None, SHARED: None}
-            self._publish_metrics()
+        try:
+            if self.store is not None:
+                await self._initial_states()
+            self._reconcile()
+            if self._value is None:
+                # No acceptable store version: start on the layers without the store.
+                model, sources = self._build({self.service: None, SHARED: None})
+                self._value, self._sources = model, sources
+                self._applied = {self.service: None, SHARED: None}
+                self._publish_metrics()
+        except BaseException:
+            if self.store is not None and self._owns_store:
+                await self.store.close()
+            raise
         self._started = True
         for sub in self._subscribers:
             if sub.callback is not None and sub.task is None:
@@ -448,6 +456,21 @@ class ServiceConfig(Generic[M]):
                 if state is not None
                 else self._applied.get(ns)
             )
+            if chosen[ns] is None and self._applied.get(ns) is not None:
+                # The namespace vanished from the store (deleted, or a store that lost its
+                # data): nothing to validate, so keep what runs rather than fall back to
+                # defaults behind everyone's back.
+                if ns not in self._vanished:
+                    self._vanished.add(ns)
+                    _log.warning(
+                        "config namespace vanished from the store; keeping the version in force",
+                        service=self.service,
+                        namespace=ns,
+                        version=_number(self._applied.get(ns)),
+                    )
+                chosen[ns] = self._applied[ns]
+            elif chosen[ns] is not None:
+                self._vanished.discard(ns)
         changed = [ns for ns in chosen if _number(chosen[ns]) != _number(self._applied[ns])]
         if not changed:
             return
@@ -638,6 +661,3 @@ def _changed_keys(old: BaseModel, new: BaseModel) -> frozenset[str]:
 
 
 _MISSING = object()
-
-# Keep Awaitable importable for type checkers of callbacks.
-_ = Awaitable

@@ -573,6 +573,24 @@ class ConfigStore:
         failing = False
         while True:
             try:
+                if failing and revision is not None:
+                    # Back after a failure: a store whose revision is now lower than the
+                    # one we saw lost its data (an etcd member rebuilt): a watch from our
+                    # revision would wait for nothing, so read the state again.
+                    probe = await self.kv.scan(prefix)
+                    if on_error:
+                        on_error(None)
+                    failing, delay = False, _BACKOFF_MIN
+                    if probe.revision < revision:
+                        _log.warning(
+                            "config store revision went backwards (store reset?); reading "
+                            "the state again",
+                            namespace=ns,
+                            store=self.url,
+                            seen=revision,
+                            now=probe.revision,
+                        )
+                        revision = None
                 if revision is None:
                     listing = await self.kv.scan(prefix)
                     head = {k: e.value for k, e in listing.entries.items()}

@@ -4,6 +4,7 @@ gray publish/promote/abort, acks from running instances, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import stat
 import sys
@@ -136,6 +137,15 @@ def test_replace_and_edit(local_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert saved and Path(saved.group(1)).read_text() == "{not json"  # the edit is not lost
     Path(saved.group(1)).unlink()
     assert run(local_url, "get", "echo", "limit").output.strip() == "8"
+    # A store that refuses the edit (a gray release in progress) keeps the text too.
+    assert run(local_url, "gray", "publish", "echo", "limit", "9", "--instance", "x").exit_code == 0
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    editor.write_text(editor.read_text().replace("= 8", "= 10"))
+    r = run(local_url, "edit", "echo")
+    assert r.exit_code == 2 and "gray release of 'echo' version 3 is in progress" in r.output
+    saved = re.search(r"saved in (\S+) ", r.output)
+    assert saved and json.loads(Path(saved.group(1)).read_text())["limit"] == 10
+    Path(saved.group(1)).unlink()
 
 
 async def _instances(url: str, fleet: dict[str, dict[str, str]]) -> list[ServiceConfig[Any]]:
@@ -271,3 +281,67 @@ async def test_show_effective_config_of_a_running_service(local_url: str, tmp_pa
         CliRunner().invoke, cli, ["config", "show", "echo", "--registry", registry_url]
     )
     assert r.exit_code == 1 and "no running instance of 'echo'" in r.output
+
+
+async def test_shared_namespace_reports_every_service(store_url: str) -> None:
+    store = store_from_url(store_url)
+    configs = []
+    for service in ("echo", "web"):
+        cfg: ServiceConfig[Any] = ServiceConfig(
+            service, Settings, store=store, environ={}, metrics_registry=CollectorRegistry()
+        )
+        await cfg.start(f"{service}-1", {})
+        configs.append(cfg)
+    try:
+        r = await arun(store_url, "set", "_shared", "greeting", '"hi all"', "--wait", "10")
+        assert r.exit_code == 0, r.output
+        assert re.search(r"echo-1\s+version 1: applied", r.output)
+        assert re.search(r"web-1\s+version 1: applied", r.output)
+        assert [c.value.greeting for c in configs] == ["hi all", "hi all"]
+    finally:
+        for cfg in configs:
+            await cfg.stop()
+        await store.close()
+
+
+def test_console_script_exit_codes(local_url: str) -> None:
+    import subprocess
+
+    ok = subprocess.run(
+        [sys.executable, "-m", "meshkit", "config", "--store", local_url, "set", "echo", "a", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "published echo version 1" in ok.stdout, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "meshkit", "config", "--store", local_url, "get", "nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "no config published for 'nosuch'" in bad.stderr
+    assert bad.stdout == ""
+
+
+async def test_gray_by_percent_reaches_exactly_the_hashed_subset(local_url: str) -> None:
+    from meshkit.config import Selector
+
+    assert (await arun(local_url, "set", "echo", "limit", "1")).exit_code == 0
+    fleet = {f"echo-{i}": {"zone": "a" if i % 2 else "b"} for i in range(12)}
+    configs = await _instances(local_url, fleet)
+    try:
+        r = await arun(
+            local_url, "gray", "publish", "echo", "limit", "2", "--percent", "60", "--tag", "zone=a"
+        )
+        assert r.exit_code == 0, r.output
+        chosen = Selector(tags={"zone": "a"}, percent=60)
+        gray = {i for i, t in fleet.items() if chosen.matches("echo", i, t)}
+        assert gray == {"echo-3", "echo-9"}  # 2 of the 6 in zone a (md5 of namespace:id)
+        assert {c.instance_id: c.value.limit for c in configs} == {
+            i: 2 if i in gray else 1 for i in fleet
+        }
+        assert "12 of 12 instances applied" in r.output
+    finally:
+        for cfg in configs:
+            await cfg.stop()

@@ -200,3 +200,51 @@ def test_bad_store_urls() -> None:
     ]:
         with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("/", "/")):
             store_from_url(url)
+
+
+async def test_etcd_rebuilt_without_data_keeps_config_and_follows_new_versions(
+    etcd: EtcdServer,
+) -> None:
+    url = etcd_url(etcd)
+    publisher = store_from_url(url)
+    for n in (1, 2, 3):
+        await publisher.set_key("echo", "n", n)
+    cfg = ServiceConfig(
+        "echo", Settings, store=url, environ={}, metrics_registry=CollectorRegistry()
+    )
+    await cfg.start("echo-1", {})
+    try:
+        assert cfg.value.n == 3
+        await etcd.astop()
+        await wait_until(lambda: cfg.info()["store_reachable"] is False, "the outage noticed")
+        await etcd.arestart(fresh=True)  # back with every key and revision lost
+        await wait_until(lambda: cfg.info()["store_reachable"] is True, "back", limit=20)
+        assert cfg.value.n == 3  # the store is empty: the version in force stays
+        await _retry(lambda: publisher.set_key("echo", "n", 7))  # version 1 of the new store
+        await wait_until(lambda: cfg.value.n == 7, "a version published after the reset")
+    finally:
+        await cfg.stop()
+        await publisher.close()
+
+
+async def test_local_store_wiped_keeps_config_and_follows_new_versions(tmp_path: Path) -> None:
+    import shutil
+
+    directory = tmp_path / "c"
+    url = f"local://{directory}"
+    publisher = store_from_url(url)
+    for n in (1, 2, 3):
+        await publisher.set_key("echo", "n", n)
+    cfg = ServiceConfig(
+        "echo", Settings, store=url, environ={}, metrics_registry=CollectorRegistry()
+    )
+    await cfg.start("echo-1", {})
+    try:
+        await publisher.set_key("echo", "n", 4)
+        await wait_until(lambda: cfg.value.n == 4, "the watch running")
+        shutil.rmtree(directory)
+        await publisher.set_key("echo", "n", 7)  # version 1 of a new store
+        await wait_until(lambda: cfg.value.n == 7, "the version published after the wipe")
+    finally:
+        await cfg.stop()
+        await publisher.close()

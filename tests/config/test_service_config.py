@@ -72,3 +72,67 @@ async def test_service_info_and_metrics_show_config(local_url: str) -> None:
 async def test_service_without_config_follows_nothing(echo_service: Service) -> None:
     assert echo_service.config.store is None
     assert echo_service.info()["config_version"] is None
+
+
+class Pair(BaseModel):
+    a: int = 0
+    b: int = 0
+
+
+async def test_callbacks_do_not_block_calls_and_handlers_see_one_version(local_url: str) -> None:
+    import asyncio
+    import threading
+
+    from meshkit import Client
+
+    store = store_from_url(local_url)
+    svc = Service(
+        "echo",
+        echo_thrift.Echo,
+        registry=None,
+        config=Pair,
+        config_store=local_url,
+        metrics_registry=CollectorRegistry(),
+    )
+    release = threading.Event()
+    entered = threading.Event()
+    torn: list[tuple[int, int]] = []
+
+    @svc.config.on_change
+    def slow(change: Any) -> None:  # a plain callback stuck in a worker thread
+        entered.set()
+        release.wait(30)
+
+    class Impl(EchoImpl):
+        async def echo(self, message: str) -> str:
+            cfg = svc.config.value  # one read: one version
+            await asyncio.sleep(0)
+            if cfg.a != cfg.b:
+                torn.append((cfg.a, cfg.b))
+            return f"{cfg.a}"
+
+    svc.implement(Impl())
+    await svc.start(port=0, health_port=0)
+    client = Client(echo_thrift.Echo, "echo", addr=f"127.0.0.1:{svc.port}", timeout=2.0)
+    try:
+        await store.replace("echo", {"a": 1, "b": 1})
+        await wait_until(entered.is_set, "the slow callback running")
+        # The callback is stuck, yet calls are served and see the new version.
+        assert await asyncio.wait_for(client.echo("x"), 5) == "1"
+
+        async def publish() -> None:
+            for n in range(2, 12):
+                await store.replace("echo", {"a": n, "b": n})
+
+        async def call() -> None:
+            for _ in range(60):
+                await client.echo("x")
+
+        await asyncio.wait_for(asyncio.gather(publish(), call(), call()), 60)
+        await wait_until(lambda: svc.config.value.a == 11, "the last version")
+        assert torn == []
+    finally:
+        release.set()
+        await client.close()
+        await svc.stop(drain_timeout=1.0)
+        await store.close()
