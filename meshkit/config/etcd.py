@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from .. import _etcd as _reg
 from ..errors import ConfigError, Unavailable
-from ..registry import etcd as _reg
 from .kv import KV, Compacted, Delete, Entry, Event, Listing, Put, validate_key, validate_prefix
 
 __all__ = ["DEFAULT_PREFIX", "EtcdKV"]
@@ -55,16 +55,16 @@ class EtcdKV(KV):
             )
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         where = ",".join(items)
-        self.endpoints = [_reg._parse_endpoint(e, where) for e in items]
+        self.endpoints = [_reg.parse_endpoint(e, where) for e in items]
         if not self.endpoints:
             raise ConfigError(f"expected at least one etcd endpoint, found {where!r}")
         if not isinstance(prefix, str) or not prefix.startswith("/") or "\x00" in prefix:
             raise ConfigError(f"expected a key prefix starting with '/', found {prefix!r}")
         self.prefix = prefix.rstrip("/") + "/"
-        self.connect_timeout = _reg._positive("connect_timeout", connect_timeout)
-        self.request_timeout = _reg._positive("request_timeout", request_timeout)
+        self.connect_timeout = _reg.positive("connect_timeout", connect_timeout)
+        self.request_timeout = _reg.positive("request_timeout", request_timeout)
         self.url = url or "etcd://" + ",".join(
-            _reg._format_endpoint(h, p) for h, p in self.endpoints
+            _reg.format_endpoint(h, p) for h, p in self.endpoints
         )
         self._client: Any = None
         self._first = 0
@@ -122,14 +122,14 @@ class EtcdKV(KV):
                 index = (self._first + k) % count
                 host, port = self.endpoints[index]
                 client = _reg.aetcd.Client(
-                    host, port, timeout=self.request_timeout, options=dict(_reg._CHANNEL_OPTIONS)
+                    host, port, timeout=self.request_timeout, options=dict(_reg.CHANNEL_OPTIONS)
                 )
                 try:
                     await client.connect()
-                    await _reg._wait_ready(client.channel, self.connect_timeout)
+                    await _reg.wait_ready(client.channel, self.connect_timeout)
                 except Exception as exc:
-                    failures.append(f"{host}:{port}: {_reg._error_text(exc) or 'timed out'}")
-                    await _reg._close_client(client)
+                    failures.append(f"{host}:{port}: {_reg.error_text(exc) or 'timed out'}")
+                    await _reg.close_client(client)
                     continue
                 client.meshkit_index = index
                 self._client = client
@@ -141,20 +141,20 @@ class EtcdKV(KV):
             self._client = None
             self._first = (getattr(client, "meshkit_index", 0) + 1) % len(self.endpoints)
             for queue in list(self._watch_queues):
-                queue.put_nowait(Unavailable(f"etcd connection dropped: {_reg._error_text(exc)}"))
-            task = asyncio.get_running_loop().create_task(_reg._close_client(client))
+                queue.put_nowait(Unavailable(f"etcd connection dropped: {_reg.error_text(exc)}"))
+            task = asyncio.get_running_loop().create_task(_reg.close_client(client))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
-        return Unavailable(f"etcd at {self.url} failed: {_reg._error_text(exc)}")
+        return Unavailable(f"etcd at {self.url} failed: {_reg.error_text(exc)}")
 
     async def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         client = await self._connect()
         try:
             return await getattr(client, fn)(*args, **kwargs)
-        except _reg._CONNECTION_ERRORS as exc:
+        except _reg.CONNECTION_ERRORS as exc:
             raise self._drop(client, exc) from exc
         except _reg.aetcd.exceptions.ClientError as exc:
-            raise Unavailable(f"etcd at {self.url} refused: {_reg._error_text(exc)}") from exc
+            raise Unavailable(f"etcd at {self.url} refused: {_reg.error_text(exc)}") from exc
 
     def _key(self, key: str) -> bytes:
         return (self.prefix + validate_key(key)).encode()
@@ -191,10 +191,10 @@ class EtcdKV(KV):
         ]
         try:
             ok, _ = await client.transaction(compare=checks, success=success, failure=[])
-        except _reg._CONNECTION_ERRORS as exc:
+        except _reg.CONNECTION_ERRORS as exc:
             raise self._drop(client, exc) from exc
         except _reg.aetcd.exceptions.ClientError as exc:
-            raise Unavailable(f"etcd at {self.url} refused: {_reg._error_text(exc)}") from exc
+            raise Unavailable(f"etcd at {self.url} refused: {_reg.error_text(exc)}") from exc
         return bool(ok)
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
@@ -222,9 +222,9 @@ class EtcdKV(KV):
                     if isinstance(item, Unavailable):
                         raise item
                     if isinstance(item, BaseException):
-                        if isinstance(item, _reg._CONNECTION_ERRORS):
+                        if isinstance(item, _reg.CONNECTION_ERRORS):
                             raise self._drop(client, item)
-                        raise Unavailable(f"etcd watch failed: {_reg._error_text(item)}")
+                        raise Unavailable(f"etcd watch failed: {_reg.error_text(item)}")
                     kv = item.kv  # type: ignore[attr-defined]
                     deleted = item.kind == "DELETE"  # type: ignore[attr-defined]
                     batch.append(
@@ -239,7 +239,7 @@ class EtcdKV(KV):
                     yield batch
         finally:
             self._watch_queues.discard(queue)
-            await _reg._cancel_and_wait(pump)
+            await _reg.cancel_and_wait(pump)
 
     async def close(self) -> None:
         self._closed = True
@@ -247,7 +247,7 @@ class EtcdKV(KV):
             queue.put_nowait(_END)
         client, self._client = self._client, None
         if client is not None:
-            await _reg._close_client(client)
+            await _reg.close_client(client)
         if self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 

@@ -41,18 +41,25 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from .._etcd import (
+    CHANNEL_OPTIONS,
+    CONNECTION_ERRORS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_REQUEST_TIMEOUT,
+    ETCD_ERRORS,
+    IMPORT_ERROR,
+    aetcd,
+    cancel_and_wait,
+    close_client,
+    error_text,
+    format_endpoint,
+    parse_endpoint,
+    positive,
+    wait_ready,
+)
 from ..errors import ConfigError, InvalidArgument, Unavailable
 from .base import Instance, Registry, validate_instance_id, validate_service_name
-
-try:  # the optional "etcd" extra
-    import aetcd
-    import aetcd.exceptions
-    import grpc
-except ImportError as _exc:  # pragma: no cover - depends on the environment
-    aetcd = None
-    _IMPORT_ERROR: ImportError | None = _exc
-else:
-    _IMPORT_ERROR = None
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -67,29 +74,12 @@ _log = structlog.get_logger("meshkit.registry")
 
 DEFAULT_TTL = 10.0
 DEFAULT_PREFIX = "/meshkit/services"
-DEFAULT_PORT = 2379
-DEFAULT_CONNECT_TIMEOUT = 2.0
-DEFAULT_REQUEST_TIMEOUT = 5.0
 #: First retry delay of a failing keep-alive (doubles up to ``ttl / 3``).
 _RETRY_MIN = 0.25
 #: How long close() spends withdrawing own registrations.
 _CLOSE_BUDGET = 2.0
 
 _URL_PARAMS = ("ttl", "prefix", "connect_timeout", "request_timeout")
-
-# gRPC channel options: a subchannel of our own per client (the process-wide pool would hand
-# a new client a subchannel still backing off from an old client's failures), reconnect
-# quickly after an etcd restart, and notice a silently dead peer under a long-lived watch
-# stream (etcd accepts pings every 5 s or slower).
-_CHANNEL_OPTIONS: dict[str, Any] = {
-    "grpc.use_local_subchannel_pool": 1,
-    "grpc.initial_reconnect_backoff_ms": 200,
-    "grpc.min_reconnect_backoff_ms": 200,
-    "grpc.max_reconnect_backoff_ms": 2000,
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.http2.max_pings_without_data": 0,
-}
 
 
 class _Retired:
@@ -100,76 +90,6 @@ class _Retired:
 
 
 _END = object()  # queue item: the aetcd watch stream ended without an error
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TimeoutError, OSError, ConnectionError]
-    if aetcd is not None:
-        errors += [
-            aetcd.exceptions.ConnectionFailedError,
-            aetcd.exceptions.ConnectionTimeoutError,
-            aetcd.exceptions.WatchTimeoutError,
-            aetcd.exceptions.InternalError,  # e.g. "Internal error from Core" as a link dies
-            grpc.RpcError,
-            grpc.aio.UsageError,
-        ]
-    return tuple(errors)
-
-
-_CONNECTION_ERRORS = _connection_errors()
-_ETCD_ERRORS: tuple[type[BaseException], ...] = _CONNECTION_ERRORS + (
-    (aetcd.exceptions.ClientError,) if aetcd is not None else ()
-)
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"expected {name} to be a positive number, found {value!r}")
-    if value <= 0:
-        raise ConfigError(f"expected {name} to be a positive number, found {value!r}")
-    return float(value)
-
-
-def _parse_endpoint(text: str, where: str) -> tuple[str, int]:
-    text = text.strip()
-    if not text:
-        raise ConfigError(f"expected host:port endpoints separated by commas, found {where!r}")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host or (rest and not rest.startswith(":")):
-            raise ConfigError(f"expected [ipv6]:port, found {text!r} in {where!r}")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = text.partition(":")
-        if not host or ":" in port_text:
-            raise ConfigError(f"expected host:port, found {text!r} in {where!r}")
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"expected a port between 1 and 65535, found {text!r} in {where!r}")
-    return host, int(port_text)
-
-
-def _format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "…"
-
-
-async def _wait_ready(channel: Any, timeout: float) -> None:
-    """Wait until ``channel`` is READY; fail fast on TRANSIENT_FAILURE (e.g. refused)."""
-    ready = grpc.ChannelConnectivity.READY
-    failed = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
-    async with asyncio.timeout(timeout):
-        state = channel.get_state(try_to_connect=True)
-        while state is not ready:
-            if state in failed:
-                raise ConnectionError(f"gRPC channel is {state.name}")
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=True)
 
 
 @dataclass(eq=False)
@@ -221,22 +141,22 @@ class EtcdRegistry(Registry):
         if aetcd is None:
             raise ConfigError(
                 "the etcd registry needs the aetcd package: pip install 'meshkit[etcd]' "
-                f"({_IMPORT_ERROR})"
+                f"({IMPORT_ERROR})"
             )
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         where = endpoints if isinstance(endpoints, str) else ",".join(items)
         #: ``(host, port)`` pairs, in the order they are tried.
-        self.endpoints: list[tuple[str, int]] = [_parse_endpoint(e, where) for e in items]
+        self.endpoints: list[tuple[str, int]] = [parse_endpoint(e, where) for e in items]
         if not self.endpoints:
             raise ConfigError(f"expected at least one etcd endpoint, found {where!r}")
-        self.ttl = _positive("ttl", ttl)
-        self.connect_timeout = _positive("connect_timeout", connect_timeout)
-        self.request_timeout = _positive("request_timeout", request_timeout)
+        self.ttl = positive("ttl", ttl)
+        self.connect_timeout = positive("connect_timeout", connect_timeout)
+        self.request_timeout = positive("request_timeout", request_timeout)
         if not isinstance(prefix, str) or not prefix.startswith("/") or "\x00" in prefix:
             raise ConfigError(f"expected a key prefix starting with '/', found {prefix!r}")
         self.prefix = prefix.rstrip("/")
         if url is None:
-            url = "etcd://" + ",".join(_format_endpoint(h, p) for h, p in self.endpoints)
+            url = "etcd://" + ",".join(format_endpoint(h, p) for h, p in self.endpoints)
         super().__init__(url)
         self._conn: _Conn | None = None
         self._first = 0  # index of the endpoint the next connect tries first
@@ -375,7 +295,7 @@ class EtcdRegistry(Registry):
             while not self._closed:
                 # The etcd watch is created and read in a task of its own: aetcd creates it
                 # under asyncio.wait_for, which on 3.11 can swallow a cancellation of the
-                # task it runs in (see _cancel_and_wait).
+                # task it runs in (see cancel_and_wait).
                 pump = asyncio.create_task(
                     _pump(conn, prefix, revision + 1, queue), name=f"meshkit-etcd-watch-{service}"
                 )
@@ -403,7 +323,7 @@ class EtcdRegistry(Registry):
                     if snapshot != last:
                         last = snapshot
                         yield snapshot
-                await _cancel_and_wait(pump)
+                await cancel_and_wait(pump)
                 pump = None
                 while not queue.empty():  # leftovers of the compacted stream
                     queue.get_nowait()
@@ -411,7 +331,7 @@ class EtcdRegistry(Registry):
                     "etcd watch revision compacted; reloading",
                     service=service,
                     registry=self.url,
-                    error=_error_text(compacted),
+                    error=error_text(compacted),
                 )
                 records.clear()
                 revision = await self._load(conn, service, records)
@@ -421,14 +341,14 @@ class EtcdRegistry(Registry):
                     yield snapshot
         except Unavailable:
             raise
-        except _ETCD_ERRORS as exc:
+        except ETCD_ERRORS as exc:
             raise self._failure(conn, exc) from exc
         finally:
             try:
                 self._watch_queues.discard(queue)
                 conn.watch_queues.discard(queue)
                 if pump is not None:
-                    await _cancel_and_wait(pump)
+                    await cancel_and_wait(pump)
             finally:
                 self._release(conn)
 
@@ -515,7 +435,7 @@ class EtcdRegistry(Registry):
                     "skipping malformed registry record",
                     key=key.decode(errors="replace"),
                     mod_revision=revision,
-                    error=_error_text(exc),
+                    error=error_text(exc),
                 )
             return None
         self._warned.pop(key, None)
@@ -536,7 +456,7 @@ class EtcdRegistry(Registry):
                 try:
                     await conn.client.put(reg.key, reg.value, lease=reg.lease_id)
                 except aetcd.exceptions.ClientError as exc:
-                    if "lease not found" not in str(exc) or isinstance(exc, _CONNECTION_ERRORS):
+                    if "lease not found" not in str(exc) or isinstance(exc, CONNECTION_ERRORS):
                         raise
                     reg.lease_id = 0  # expired between grant/keep-alive and put: again
                     continue
@@ -561,7 +481,7 @@ class EtcdRegistry(Registry):
                         service=reg.instance.service,
                         instance=reg.instance.instance_id,
                         registry=self.url,
-                        error=_error_text(exc),
+                        error=error_text(exc),
                     )
                 interval = self._interval(reg)
                 delay = min(delay * 2, interval) if failing else min(_RETRY_MIN, interval)
@@ -620,7 +540,7 @@ class EtcdRegistry(Registry):
     async def _stop_keepalive(self, reg: _Registration) -> None:
         task, reg.task = reg.task, None
         if task is not None:
-            await _cancel_and_wait(task)
+            await cancel_and_wait(task)
 
     async def _withdraw(self, key: bytes, lease_id: int) -> None:
         async with self._use(closing=True) as conn:
@@ -629,7 +549,7 @@ class EtcdRegistry(Registry):
                 try:
                     await conn.client.revoke_lease(lease_id)
                 except aetcd.exceptions.ClientError as exc:
-                    if "lease not found" not in str(exc) or isinstance(exc, _CONNECTION_ERRORS):
+                    if "lease not found" not in str(exc) or isinstance(exc, CONNECTION_ERRORS):
                         raise
             self._mark_ok()
 
@@ -651,7 +571,7 @@ class EtcdRegistry(Registry):
             yield conn
         except Unavailable:
             raise
-        except _ETCD_ERRORS as exc:
+        except ETCD_ERRORS as exc:
             raise self._failure(conn, exc) from exc
         finally:
             self._release(conn)
@@ -669,10 +589,10 @@ class EtcdRegistry(Registry):
     def _failure(self, conn: _Conn, exc: BaseException) -> Unavailable:
         """Record a failed request on ``conn``; the error to raise."""
         self._mark_error(exc, conn.endpoint)
-        if isinstance(exc, _CONNECTION_ERRORS):
+        if isinstance(exc, CONNECTION_ERRORS):
             self._retire(conn, exc)
-            return Unavailable(f"etcd at {conn.endpoint} failed: {_error_text(exc)}")
-        return Unavailable(f"etcd at {conn.endpoint} refused: {_error_text(exc)}")
+            return Unavailable(f"etcd at {conn.endpoint} failed: {error_text(exc)}")
+        return Unavailable(f"etcd at {conn.endpoint} refused: {error_text(exc)}")
 
     async def _connection(self, *, closing: bool = False) -> _Conn:
         conn = self._conn
@@ -689,15 +609,15 @@ class EtcdRegistry(Registry):
             for index in (self._first + k for k in range(count)):
                 index %= count
                 host, port = self.endpoints[index]
-                endpoint = _format_endpoint(host, port)
+                endpoint = format_endpoint(host, port)
                 client = aetcd.Client(
-                    host, port, timeout=self.request_timeout, options=dict(_CHANNEL_OPTIONS)
+                    host, port, timeout=self.request_timeout, options=dict(CHANNEL_OPTIONS)
                 )
                 try:
                     await client.connect()
-                    await _wait_ready(client.channel, self.connect_timeout)
+                    await wait_ready(client.channel, self.connect_timeout)
                 except Exception as exc:
-                    failures.append(f"{endpoint}: {_error_text(exc) or 'timed out'}")
+                    failures.append(f"{endpoint}: {error_text(exc) or 'timed out'}")
                     with contextlib.suppress(Exception):
                         await client.close()
                     continue
@@ -718,7 +638,7 @@ class EtcdRegistry(Registry):
         if conn.retired:
             return
         conn.retired = True
-        conn.reason = exc if isinstance(exc, str) else _error_text(exc)
+        conn.reason = exc if isinstance(exc, str) else error_text(exc)
         if self._conn is conn:
             self._conn = None
             self._first = (conn.index + 1) % len(self.endpoints)
@@ -729,7 +649,7 @@ class EtcdRegistry(Registry):
         if conn.closing:
             return
         conn.closing = True
-        task = asyncio.create_task(_close_client(conn.client), name="meshkit-etcd-close")
+        task = asyncio.create_task(close_client(conn.client), name="meshkit-etcd-close")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -743,7 +663,7 @@ class EtcdRegistry(Registry):
                 "etcd unreachable",
                 registry=self.url,
                 endpoint=endpoint,
-                error=exc if isinstance(exc, str) else _error_text(exc),
+                error=exc if isinstance(exc, str) else error_text(exc),
             )
 
 
@@ -767,24 +687,3 @@ async def _pump(conn: _Conn, prefix: bytes, start: int, queue: asyncio.Queue[obj
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await stream.cancel()
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it to end, cancelling again if it swallowed the request.
-
-    ``asyncio.wait_for`` on Python 3.11 returns the result instead of raising when the
-    awaited operation completes just as its task is cancelled (fixed in 3.12); aetcd uses
-    it to create watches, so one cancellation is not always enough.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.5)
-    if not task.cancelled():
-        with contextlib.suppress(Exception):
-            task.result()
-
-
-async def _close_client(client: Any) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(5.0):
-            await client.close()
