@@ -7,7 +7,8 @@
 1. RPC throughput of a meshkit echo Service called by a meshkit Client (each its own
    process, concurrency 16, 100 B) with tracing
    ``off`` (no ``MESHKIT_TRACES``), ``100pct`` (every span exported to the bundled
-   collector, itself a third process), ``1pct`` (head sampling 1 %, tail keeping on: the
+   collector, itself a third process), ``100pct_sink`` (the same, exported to a sink that
+   discards the requests: the services' own cost), ``1pct`` (head sampling 1 %, tail keeping on: the
    default) and ``1pct_notail`` (1 %, ``MESHKIT_TRACES_TAIL=0``). The modes run
    interleaved for ``--rounds`` rounds; the median per mode is reported, as ratios to
    ``off``. Exported and dropped span counts come from the processes' Prometheus
@@ -45,6 +46,9 @@ ECHO_THRIFT = BENCH_DIR / "echo.thrift"  # echo only, as bench/rpc.py uses
 MODES: dict[str, dict[str, str]] = {
     "off": {},
     "100pct": {"MESHKIT_TRACES_SAMPLE": "1"},
+    # every span exported to a sink that discards it: the services' own cost, without the
+    # collector's CPU (on this 2-core machine the collector competes with both processes)
+    "100pct_sink": {"MESHKIT_TRACES_SAMPLE": "1"},
     "1pct": {"MESHKIT_TRACES_SAMPLE": "0.01"},
     "1pct_notail": {"MESHKIT_TRACES_SAMPLE": "0.01", "MESHKIT_TRACES_TAIL": "0"},
 }
@@ -202,14 +206,33 @@ def run_client(port: int, duration: float, warmup: float, concurrency: int) -> N
     print(json.dumps(_loop.run(main())), flush=True)
 
 
+def run_sink(port: int) -> None:
+    """An OTLP/HTTP endpoint that reads each request and answers 200 without decoding."""
+    from aiohttp import web
+
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def alive(request: web.Request) -> web.Response:
+        return web.Response(text="sink")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", accept)
+    app.router.add_get("/", alive)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
 # -- 1. RPC throughput ------------------------------------------------------------------
 
 
-def rpc_round(mode: str, collector: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def rpc_round(
+    mode: str, collector: str, sink: str, tmp: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_TRACES")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if mode != "off":
-        env.update(MESHKIT_TRACES=collector, **MODES[mode])
+        env.update(MESHKIT_TRACES=sink if mode.endswith("_sink") else collector, **MODES[mode])
     port_file = tmp / f"port-{mode}"
     port_file.unlink(missing_ok=True)
     errors = open(tmp / f"server-{mode}.log", "wb")  # noqa: SIM115
@@ -247,11 +270,15 @@ def rpc_round(mode: str, collector: str, tmp: Path, args: argparse.Namespace) ->
 
 def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     collector, url = start_collector(tmp, "rpc")
+    sink_port = free_port()
+    sink = subprocess.Popen([sys.executable, __file__, "_sink", str(sink_port)])
+    sink_url = f"http://127.0.0.1:{sink_port}"
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     try:
+        wait_http(sink_url + "/", sink)
         for r in range(args.rounds):
             for mode in MODES:
-                result = rpc_round(mode, url, tmp, args)
+                result = rpc_round(mode, url, sink_url, tmp, args)
                 runs[mode].append(result)
                 log(
                     f"  round {r + 1} {mode:12s} {result['calls_per_s']:8.0f} calls/s  "
@@ -263,6 +290,7 @@ def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         stats = get_json(url + "/api/stats")
     finally:
         stop(collector)
+        stop(sink)
     medians = {m: statistics.median(r["calls_per_s"] for r in runs[m]) for m in MODES}
     return {"medians": medians, "runs": runs, "collector_stats": stats}
 
@@ -420,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_server":
         run_server(argv[1])
         return 0
+    if argv and argv[0] == "_sink":
+        run_sink(int(argv[1]))
+        return 0
     if argv and argv[0] == "_client":
         run_client(int(argv[1]), float(argv[2]), float(argv[3]), int(argv[4]))
         return 0
@@ -462,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "tracing_100pct_vs_off": round(med["100pct"] / off, 3),
         "tracing_1pct_vs_off": round(med["1pct"] / off, 3),
         "tracing_1pct_notail_vs_off": round(med["1pct_notail"] / off, 3),
+        "tracing_100pct_sink_vs_off": round(med["100pct_sink"] / off, 3),
         "rpc_calls_per_s": {m: round(v) for m, v in med.items()},
         "collector_spans_per_s": round(ingest["spans_per_s"]),
         "viewer_10k_render_ms": round(viewer["render_ms"], 1),
