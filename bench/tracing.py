@@ -165,7 +165,9 @@ def run_server(port_file: str) -> None:
     _loop.run(main())
 
 
-def run_client(port: int, duration: float, warmup: float, concurrency: int) -> None:
+def run_client(
+    port: int, duration: float, warmup: float, concurrency: int, server_pid: int
+) -> None:
     import thriftpy2
     from prometheus_client import REGISTRY
 
@@ -189,13 +191,19 @@ def run_client(port: int, duration: float, warmup: float, concurrency: int) -> N
             stop_at = time.perf_counter() + warmup
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             count = 0
+            cpu0, server0 = time.process_time(), proc_cpu(server_pid)
             start = time.perf_counter()
             stop_at = start + duration
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - start
+            # CPU of both processes over the window (all threads: export threads included)
+            cpu1, server1 = time.process_time(), proc_cpu(server_pid)
         flush()
         return {
             "calls_per_s": count / elapsed,
+            "calls": count,
+            "client_cpu_s": cpu1 - cpu0,
+            "server_cpu_s": server1 - server0,
             "exported": REGISTRY.get_sample_value("meshkit_traces_spans_exported_total") or 0,
             "dropped": sum(
                 REGISTRY.get_sample_value("meshkit_traces_spans_dropped_total", {"reason": r}) or 0
@@ -226,8 +234,19 @@ def run_sink(port: int) -> None:
 # -- 1. RPC throughput ------------------------------------------------------------------
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rpc_round(
-    mode: str, collector: str, sink: str, tmp: Path, args: argparse.Namespace
+    mode: str,
+    collector: str,
+    collector_pid: int,
+    sink: str,
+    tmp: Path,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_TRACES")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -248,14 +267,19 @@ def rpc_round(
                 raise RuntimeError(f"bench server ({mode}) did not start: {log_text}")
             time.sleep(0.05)
         port, health = port_file.read_text().split()
+        collector_cpu = proc_cpu(collector_pid) if mode == "100pct" else 0.0
         out = subprocess.run(
             [sys.executable, __file__, "_client", port, str(args.duration), str(args.warmup),
-             str(args.concurrency)],
+             str(args.concurrency), str(server.pid)],
             env=env, capture_output=True, text=True, timeout=args.duration + args.warmup + 60,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"bench client ({mode}) failed: {out.stderr[-500:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        if mode == "100pct":  # over the client's whole run: an upper bound per call
+            result["collector_cpu_s"] = proc_cpu(collector_pid) - collector_cpu
+        calls = result["calls"]
+        result["cpu_us_per_call"] = (result["client_cpu_s"] + result["server_cpu_s"]) / calls * 1e6
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics").read().decode()
         for line in metrics.splitlines():
             if line.startswith("meshkit_traces_spans_exported_total"):
@@ -278,10 +302,11 @@ def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         wait_http(sink_url + "/", sink)
         for r in range(args.rounds):
             for mode in MODES:
-                result = rpc_round(mode, url, sink_url, tmp, args)
+                result = rpc_round(mode, url, collector.pid, sink_url, tmp, args)
                 runs[mode].append(result)
                 log(
                     f"  round {r + 1} {mode:12s} {result['calls_per_s']:8.0f} calls/s  "
+                    f"{result['cpu_us_per_call']:6.0f} µs CPU/call  "
                     f"exported client {result['exported']:.0f} server "
                     f"{result.get('server_exported', 0):.0f}  dropped "
                     f"{result['dropped'] + result.get('server_dropped', 0):.0f}  "
@@ -292,7 +317,17 @@ def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         stop(collector)
         stop(sink)
     medians = {m: statistics.median(r["calls_per_s"] for r in runs[m]) for m in MODES}
-    return {"medians": medians, "runs": runs, "collector_stats": stats}
+    cpu = {m: statistics.median(r["cpu_us_per_call"] for r in runs[m]) for m in MODES}
+    collector_cpu = statistics.median(
+        r["collector_cpu_s"] / r["calls"] * 1e6 for r in runs["100pct"]
+    )
+    return {
+        "medians": medians,
+        "cpu_us_per_call": cpu,
+        "collector_cpu_us_per_call": collector_cpu,
+        "runs": runs,
+        "collector_stats": stats,
+    }
 
 
 # -- 2. collector ingest ----------------------------------------------------------------
@@ -452,18 +487,18 @@ def main(argv: list[str] | None = None) -> int:
         run_sink(int(argv[1]))
         return 0
     if argv and argv[0] == "_client":
-        run_client(int(argv[1]), float(argv[2]), float(argv[3]), int(argv[4]))
+        run_client(int(argv[1]), float(argv[2]), float(argv[3]), int(argv[4]), int(argv[5]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter windows, fewer rounds")
     ap.add_argument("--duration", type=float, help="measured seconds per RPC run (3; quick 1.5)")
     ap.add_argument("--warmup", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, help="interleaved rounds of all modes (3; quick 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds of all modes (5; quick 2)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--ingest-batches", type=int, help="512-span batches (200; quick 100)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (1.5 if args.quick else 3.0)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     args.ingest_batches = args.ingest_batches or (100 if args.quick else 200)
 
     load_before = loadavg()
@@ -483,9 +518,17 @@ def main(argv: list[str] | None = None) -> int:
     med = rpc["medians"]
     off = med["off"]
     print()
-    print(f"{'mode':14s} {'calls/s':>9s} {'vs off':>7s}")
+    cpu = rpc["cpu_us_per_call"]
+    print(f"{'mode':14s} {'calls/s':>9s} {'vs off':>7s} {'CPU µs/call':>12s} {'off/mode':>9s}")
     for mode in MODES:
-        print(f"{mode:14s} {med[mode]:9.0f} {med[mode] / off:7.3f}")
+        print(
+            f"{mode:14s} {med[mode]:9.0f} {med[mode] / off:7.3f} {cpu[mode]:12.0f} "
+            f"{cpu['off'] / cpu[mode]:9.3f}"
+        )
+    print(
+        "(CPU µs/call: client + server processes, export threads included; the collector "
+        f"used {rpc['collector_cpu_us_per_call']:.0f} µs more per call at 100 %)"
+    )
     print(f"collector ingest   {ingest['spans_per_s']:9.0f} spans/s into SQLite")
     print(f"viewer 10k spans   {viewer['render_ms']:9.0f} ms to a drawn waterfall")
     print(f"load before {load_before}, after {load_after}")
@@ -495,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         "tracing_1pct_notail_vs_off": round(med["1pct_notail"] / off, 3),
         "tracing_100pct_sink_vs_off": round(med["100pct_sink"] / off, 3),
         "rpc_calls_per_s": {m: round(v) for m, v in med.items()},
+        "rpc_cpu_us_per_call": {m: round(v, 1) for m, v in cpu.items()},
+        "tracing_100pct_cpu_efficiency": round(cpu["off"] / cpu["100pct"], 3),
+        "tracing_1pct_cpu_efficiency": round(cpu["off"] / cpu["1pct"], 3),
+        "collector_cpu_us_per_call_100pct": round(rpc["collector_cpu_us_per_call"], 1),
         "collector_spans_per_s": round(ingest["spans_per_s"]),
         "viewer_10k_render_ms": round(viewer["render_ms"], 1),
         "load_before": load_before,
