@@ -26,6 +26,7 @@ local service: the caller on the client, the callee on the server), ``net.peer.n
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -33,9 +34,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..errors import MeshkitError
+from ..errors import ConfigError, MeshkitError
 from . import provider as _provider
 from . import w3c
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 _CLIENT = SpanKind.CLIENT
 _SERVER = SpanKind.SERVER
@@ -94,7 +98,16 @@ class OTelHook:
         provider = self._provider or trace.get_tracer_provider()
         if self._provider is None and isinstance(provider, trace.ProxyTracerProvider):
             # Tracing configured by MESHKIT_TRACES but nobody installed a provider yet.
-            provider = _provider.setup_tracing() or trace.get_tracer_provider()
+            try:
+                provider = _provider.setup_tracing() or trace.get_tracer_provider()
+            except ConfigError as exc:
+                # A bad MESHKIT_TRACES* must not fail every call: say it once, do not trace.
+                if str(exc) not in _warned:  # once per process and message
+                    _warned.add(str(exc))
+                    log.error("tracing disabled: %s", exc)
+                self._recording_cached = False
+                self._recording_until = now + 3600
+                return False
         recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
         self._recording_cached = recording
         self._recording_until = now + self.recheck_after
