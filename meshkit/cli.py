@@ -796,6 +796,17 @@ from .cli_traces import traces as _traces  # noqa: E402
 
 cli.add_command(_traces)
 
+# -- meshkit config (meshkit/cli_config.py) ------------------------------------------------
+
+from .cli_config import config as _config_group  # noqa: E402
+
+cli.add_command(_config_group)
+
+# -- meshkit mq (Kafka tools: meshkit/cli_mq.py) ---------------------------------------------
+from .cli_mq import mq as _mq_group  # noqa: E402
+
+cli.add_command(_mq_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -161,6 +161,7 @@ class Demo:
         self.workdir = workdir
         self.registry_dir = workdir / "registry"
         self.registry_url = f"local://{self.registry_dir}"
+        self.config_url = f"local://{workdir / 'config'}"
         self.log_dir = workdir / "logs"
         self.children = [_Child(spec, self.log_dir / f"{spec.slot}.log") for spec in instances]
         self.calls = calls
@@ -269,6 +270,7 @@ class Demo:
         tags = {**child.spec.tags, SLOT_TAG: child.spec.slot}
         env.update(
             MESHKIT_REGISTRY=self.registry_url,
+            MESHKIT_CONFIG=self.config_url,
             MESHKIT_HOST="127.0.0.1",
             MESHKIT_PORT="0",
             MESHKIT_HEALTH_PORT="0",
@@ -494,6 +496,7 @@ class Demo:
             url = self.collector.url
             say(f"  traces     {url}/   (trace viewer; MESHKIT_TRACES={url})")
         say(f"  registry   {self.registry_dir}   (MESHKIT_REGISTRY={self.registry_url})")
+        say(f"  config     {self.config_url}   (MESHKIT_CONFIG; the gateway's routing is live)")
         say(f"  logs       {self.log_dir}")
         say("")
         from ._demo import GATEWAY_IDL
@@ -502,6 +505,10 @@ class Demo:
         say(
             f"  meshkit call gateway greet --idl {GATEWAY_IDL} "
             f"--registry {self.registry_url} --arg name=you"
+        )
+        say(
+            f"  meshkit config --store {self.config_url} set gateway routing "
+            """'{"rules": []}'   # no canary traffic, live"""
         )
         say("")
 

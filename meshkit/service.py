@@ -27,6 +27,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _loop
 from .client import Client, set_process_service
+from .config import ServiceConfig
+from .config.manager import DEFAULT as _CONFIG_DEFAULT
+from .config.store import ConfigStore
 from .errors import ConfigError
 from .health import HealthServer, HealthState, LoopMonitor, Phase
 from .registry import Instance, Registry, new_instance_id, registry_from_url
@@ -55,6 +58,9 @@ DEFAULT: Any = _Default()
 class Service:
     """One Thrift service: its implementation, its server, and its place in the mesh.
 
+    ``service`` (the Thrift service class) may be omitted for a process that only runs
+    Kafka workers (``@svc.subscribe``): it then serves health and metrics, runs its
+    workers and does not register (there is no RPC endpoint to discover).
     ``registry``: a :class:`~meshkit.registry.Registry`, a URL, ``DEFAULT``
     (``MESHKIT_REGISTRY`` or ``local://``) or ``None`` (do not register).
     Listening addresses come from arguments, then ``MESHKIT_*`` variables.
@@ -63,7 +69,7 @@ class Service:
     def __init__(
         self,
         name: str,
-        service: Any,
+        service: Any = None,
         *,
         version: str = "0.0.0",
         registry: Registry | str | None = DEFAULT,
@@ -79,6 +85,10 @@ class Service:
         tracer: TracerHook | None = None,
         metrics_registry: CollectorRegistry | None = None,
         settings: Settings | None = None,
+        config: Any = None,
+        config_store: ConfigStore | str | None = DEFAULT,
+        config_file: str | os.PathLike[str] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.service = service
@@ -111,6 +121,25 @@ class Service:
         self._stopped = False
         self._owns_registry = False
         self._clients: list[Client] = []
+        # -- live configuration (meshkit.config) ----------------------------------------
+        #: The service's settings: ``svc.config.value``, ``@svc.config.on_change``.
+        self.config: ServiceConfig[Any]
+        if isinstance(config, ServiceConfig):
+            self.config = config
+        else:
+            if config_store is DEFAULT and config is None and not os.environ.get("MESHKIT_CONFIG"):
+                config_store = None  # no schema and no store named: nothing to follow
+            self.config = ServiceConfig(
+                name,
+                config,
+                store=_CONFIG_DEFAULT if config_store is DEFAULT else config_store,
+                file=config_file,
+                overrides=config_overrides,
+                metrics_registry=self.metrics_registry,
+            )
+        self._config_started = False
+        # -- MQ (meshkit.mq, imported lazily: confluent-kafka is an optional extra) --
+        self._mq: Any = None
 
     # -- building ----------------------------------------------------------
 
@@ -133,6 +162,38 @@ class Service:
         self._clients.append(client)
         return client
 
+    # -- MQ: Kafka workers and publishing -------------------------------------
+
+    @property
+    def mq(self) -> Any:
+        """The :class:`meshkit.mq.runtime.MqRuntime` (created on first use)."""
+        if self._mq is None:
+            from .mq.runtime import MqRuntime
+
+            self._mq = MqRuntime(
+                self.name,
+                self.settings.mq or None,
+                metrics_registry=self.metrics_registry,
+                drain_timeout=self.settings.drain_timeout,
+            )
+        return self._mq
+
+    def subscribe(self, topic: str, **options: Any) -> Any:
+        """Decorator: handle messages of ``topic`` with ``async def handler(msg, ctx)``.
+
+        Options: ``group`` (default: the service name), ``model`` (payload type: a
+        pydantic model, dataclass, Thrift struct, ``bytes``, or ``None`` for plain JSON),
+        ``codec``, ``retry`` (a :class:`meshkit.mq.RetryPolicy`), and worker options
+        (``concurrency``, ``max_buffered``, ``config``, …; see :class:`meshkit.mq.Worker`).
+        Workers start with the service and drain when it stops.
+        """
+        return self.mq.subscribe(topic, **options)
+
+    async def publish(self, topic: str, value: Any, **options: Any) -> Any:
+        """Publish ``value`` to ``topic`` and wait for the broker (``key=``, ``headers=``,
+        ``codec=``); see :meth:`meshkit.mq.Publisher.publish`."""
+        return await self.mq.publish(topic, value, **options)
+
     # -- lifecycle -----------------------------------------------------------
 
     @property
@@ -151,7 +212,7 @@ class Service:
         self, host: str | None = None, port: int | None = None, health_port: int | None = None
     ) -> None:
         """Start serving RPC and health, then register. Returns once ready."""
-        if self.implementation is None:
+        if self.implementation is None and self.service is not None:
             raise ConfigError(
                 f"service {self.name!r} has no implementation: use @svc.implement on a class "
                 "or object that defines the IDL methods"
@@ -163,6 +224,16 @@ class Service:
         tracing_identity(service=self.name)  # tracing: names the spans' service
         setup_tracing()  # tracing: MESHKIT_TRACES set → install the provider (bad value: fail now)
         self.state.set_phase(Phase.STARTING)
+        advertise = settings.advertise_host or settings.host
+        if advertise in ("0.0.0.0", "::", ""):
+            advertise = "127.0.0.1"
+        instance_id = new_instance_id(self.name, advertise)
+        # Settings are loaded before the first call can arrive (a ConfigError fails the start).
+        await self.config.start(instance_id, {**self.tags, "version": self.version})
+        self._config_started = True
+        if self.service is None:
+            await self._start_without_rpc(settings)
+            return
         self.server = RpcServer(
             self.service,
             self.implementation,
@@ -186,12 +257,9 @@ class Service:
         )
         await self.server.start(settings.host, settings.port)
         await self.health.start()
-        advertise = settings.advertise_host or settings.host
-        if advertise in ("0.0.0.0", "::", ""):
-            advertise = "127.0.0.1"
         self.instance = Instance(
             service=self.name,
-            instance_id=new_instance_id(self.name, advertise),
+            instance_id=instance_id,
             host=advertise,
             port=self.server.port,
             health_port=self.health.port,
@@ -211,6 +279,8 @@ class Service:
                 self._owns_registry = True
             await self.registry.register(self.instance)
             self.state.set_registered(True)
+        if self._mq is not None and self._mq.has_subscriptions:
+            await self._mq.start()
         log.info(
             "service started",
             service=self.name,
@@ -220,6 +290,32 @@ class Service:
             registry=getattr(self.registry, "url", None),
             instance=self.instance.instance_id,
             pipeline=self.server.pipeline.describe(),
+        )
+
+    async def _start_without_rpc(self, settings: Settings) -> None:
+        """A workers-only process: health endpoint and workers, no RPC, no registration."""
+        self.state.requires_registration = False
+        self.loop_monitor = LoopMonitor(service=self.name, registry=self.metrics_registry)
+        self.loop_monitor.start()
+        self.health = HealthServer(
+            host=settings.health_host or settings.host,
+            port=settings.health_port,
+            state=self.state,
+            registry=self.metrics_registry,
+            info=self.info,
+            loop_monitor=self.loop_monitor,
+        )
+        await self.health.start()
+        if self._mq is not None and self._mq.has_subscriptions:
+            await self._mq.start()
+        self.state.set_phase(Phase.SERVING)
+        log.info(
+            "service started",
+            service=self.name,
+            version=self.version,
+            health=self.health.url,
+            rpc=None,
+            workers=[w.group for w in self._mq.workers] if self._mq is not None else [],
         )
 
     async def stop(self, drain_timeout: float | None = None) -> bool:
@@ -239,6 +335,11 @@ class Service:
                 log.warning("deregistration failed", service=self.name, error=str(exc))
             self.state.set_registered(False)
         finished = True
+        # RPC calls and MQ messages in flight drain together; the publisher flushes after
+        # both, since handlers of either kind may publish.
+        workers_drained: asyncio.Task[bool] | None = None
+        if self._mq is not None and self._mq.workers:
+            workers_drained = asyncio.create_task(self._mq.drain(timeout))
         if self.server is not None:
             in_flight = self.server.in_flight
             finished = await self.server.drain(timeout)
@@ -248,12 +349,22 @@ class Service:
                 calls_in_flight_at_stop=in_flight,
                 finished=finished,
             )
+        if workers_drained is not None:
+            finished = await workers_drained and finished
+        if self._mq is not None:
+            await self._mq.close(timeout)
         self.state.set_phase(Phase.STOPPED)
         for client in self._clients:
             try:
                 await client.close()
             except Exception as exc:
                 log.warning("closing a client failed", service=self.name, error=str(exc))
+        if self._config_started:
+            self._config_started = False
+            try:
+                await self.config.stop()
+            except Exception as exc:
+                log.warning("stopping the config watcher failed", service=self.name, error=str(exc))
         if self.health is not None:
             await self.health.stop()
         # tracing: export the spans of the last calls before the process goes away.
@@ -332,8 +443,11 @@ class Service:
                     "service": client.name,
                     "instances": len(client.resolver.endpoints()),
                     "stale": bool(getattr(client.resolver, "stale", False)),
+                    **client.policy_state(),
                 }
                 for client in self._clients
             ],
-            "config_version": None,
+            "config_version": self.config.version,
+            "config": self.config.info() if self._config_started else None,
+            "mq": self._mq.info() if self._mq is not None else None,
         }

@@ -25,6 +25,7 @@ class Settings:
     health_port: int = 0
     advertise_host: str = ""
     registry: str = ""
+    mq: str = ""  # MESHKIT_MQ: kafka://host:port[,host:port]
     drain_timeout: float = 10.0
     max_concurrency: int = 1024
     concurrency: str = "fixed"

@@ -188,7 +188,9 @@ async def test_stop_closes_clients_the_service_made(registry_url: str) -> None:
     client = front.client(echo_thrift.Echo, "backend")
     assert await client.echo("x") == "x"
     assert client.caller == "front"
-    assert front.info()["discovery"] == [{"service": "backend", "instances": 1, "stale": False}]
+    assert front.info()["discovery"] == [
+        {"service": "backend", "instances": 1, "stale": False, "breakers": {}, "ejected": {}}
+    ]
     from prometheus_client import REGISTRY, generate_latest
 
     text = generate_latest(REGISTRY).decode()

@@ -26,9 +26,10 @@ import time
 from typing import Any
 
 import thriftpy2
+from pydantic import BaseModel
 
 from .. import Service
-from ..rpc.route import RoutingTable
+from ..config.routing import RoutingRules, live_routing
 from . import ECHO_IDL, GATEWAY_IDL
 
 __all__ = ["echo_service", "echo_thrift", "gateway_service", "gateway_thrift"]
@@ -106,10 +107,19 @@ def echo_service() -> Service:
     return svc
 
 
+class GatewaySettings(BaseModel):
+    """The gateway's live settings: its routing rules (``meshkit config set gateway routing
+    '{"rules": []}'`` sends everyone to the stable pool, at once, without a restart)."""
+
+    routing: RoutingRules = CANARY_RULES
+
+
 def gateway_service() -> Service:
     """The ``gateway`` service: ``greet(name)`` calls ``echo.echo`` through discovery."""
     _exit_with_parent()
-    svc = Service("gateway", gateway_thrift.Gateway, version="1.0.0", tags=_tags())
+    svc = Service(
+        "gateway", gateway_thrift.Gateway, version="1.0.0", tags=_tags(), config=GatewaySettings
+    )
 
     class Gateway:
         def __init__(self) -> None:
@@ -121,7 +131,7 @@ def gateway_service() -> Service:
                     echo_thrift.Echo,
                     "echo",
                     timeout=1.0,
-                    routing=RoutingTable.from_dict(CANARY_RULES),
+                    routing=live_routing(svc.config, "routing"),
                 )
             return str(await self._echo.call("echo", greeting(name), headers={"user": name}))
 

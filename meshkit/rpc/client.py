@@ -106,6 +106,9 @@ class RpcClient:
             max_frame_size=max_frame_size,
             on_count_change=connections.set,
         )
+        # The default chain's health policies, for introspection (None when off or custom).
+        self.breakers: CircuitBreakers | None = None
+        self.outliers: OutlierEjection | None = None
         retry = retry if retry is not None else RetryPolicy()
         if idempotent:
             unknown = sorted(set(idempotent) - set(self.specs))
@@ -132,6 +135,7 @@ class RpcClient:
                 )
                 chosen.append(ejector)
                 watchers.append(ejector)
+                self.outliers = ejector
             if breakers is not False:
                 breaker = (
                     breakers
@@ -145,6 +149,7 @@ class RpcClient:
                 )
                 chosen.append(breaker)
                 watchers.append(breaker)
+                self.breakers = breaker
             chosen.extend(selectors)
             local_zone = zone if zone is not None else os.environ.get("MESHKIT_ZONE") or None
             if local_zone:
@@ -262,6 +267,21 @@ class RpcClient:
         if self.caller:
             ctx.headers[CALLER_KEY] = self.caller
         return await self.pipeline(ctx)
+
+    def policy_state(self) -> dict[str, Any]:
+        """What the health policies think of the instances: for ``/info`` and debugging.
+
+        ``breakers``: every breaker that is not clean (``{"host:port": state}``);
+        ``ejected``: ejected instances and the seconds left (``{"host:port": s}``).
+        """
+        return {
+            "breakers": self.breakers.states() if self.breakers is not None else {},
+            "ejected": (
+                {k: round(v, 3) for k, v in self.outliers.ejected().items()}
+                if self.outliers is not None
+                else {}
+            ),
+        }
 
     async def close(self) -> None:
         await self.pool.close()

@@ -16,10 +16,10 @@ from collections.abc import Callable
 import structlog
 
 from ..errors import DeadlineExceeded, FrameError, Unavailable
-from .context import GOAWAY_KEY
+from .context import CANCEL_FEATURE, CANCEL_KEY, FEATURES_KEY, GOAWAY_KEY
 from .endpoint import Endpoint
 from .framing import Frame, FrameDecoder
-from .theader import DEFAULT_LIMITS, HeaderLimits
+from .theader import DEFAULT_LIMITS, HeaderLimits, encode_frame
 from .timers import DeadlineTimers
 
 RECV_BUFFER_SIZE = 64 * 1024
@@ -58,6 +58,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.goaway = False
+        # Whether this connection told the server what it supports (first frame), and
+        # whether the server said it honours per-call cancel frames.
+        self.announced = False
+        self.peer_cancels = False
         self._on_close = on_close
         self._seqid = 0
         self._out: list[bytes] = []
@@ -108,8 +112,13 @@ class ClientConnection(asyncio.BufferedProtocol):
             fut = pending.pop(frame.seqid, None)
             if fut is not None and not fut.done():
                 fut.set_result(frame)
-            if frame.headers and GOAWAY_KEY in frame.headers:
-                self.goaway = True
+            headers = frame.headers
+            if headers:
+                if GOAWAY_KEY in headers:
+                    self.goaway = True
+                features = headers.get(FEATURES_KEY)
+                if features is not None:
+                    self.peer_cancels = CANCEL_FEATURE in features.split(",")
         if self.goaway and not self.pending:
             self.close()
 
@@ -156,8 +165,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._write(frame)
 
     def forget(self, seqid: int) -> None:
-        """Drop a call whose caller stopped waiting (e.g. cancelled)."""
-        self.pending.pop(seqid, None)
+        """Drop a call whose caller stopped waiting (e.g. cancelled).
+
+        A meshkit server that said it honours cancel frames is told, so it stops
+        the handler instead of finishing work nobody will read.
+        """
+        if self.pending.pop(seqid, None) is not None and self.peer_cancels and self.usable:
+            self._write(encode_frame(b"", seqid=seqid, headers={CANCEL_KEY: "1"}))
         if self.goaway and not self.pending:
             self.close()
 

@@ -13,6 +13,12 @@ TIMEOUT_KEY = "meshkit-timeout-ms"
 CALLER_KEY = "meshkit-caller"
 STATUS_KEY = "meshkit-status"
 GOAWAY_KEY = "meshkit-goaway"
+# Sent by a meshkit client on its first frame of a connection, and answered by a
+# meshkit server with a seq-id-0 frame carrying the same key: what each side supports.
+FEATURES_KEY = "meshkit-features"
+# An empty frame with this header and a call's seq id: the caller stopped waiting.
+CANCEL_KEY = "meshkit-cancel"
+CANCEL_FEATURE = "cancel"
 
 
 @dataclass(slots=True, eq=False)

@@ -23,10 +23,11 @@ class Endpoint:
     instance_id: str = ""
     weight: int = 100
     tags: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # ``host:port``, made once: the pick stage reads it on every call.
+    address: str = field(init=False, hash=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
 
     @classmethod
     def parse(cls, address: str) -> Endpoint:

@@ -28,7 +28,16 @@ from .accesslog import AccessLog
 from .adaptive import AdaptiveLimit
 from .codec import encode_message, read_message
 from .concurrency import ConcurrencyLimit
-from .context import CALLER_KEY, GOAWAY_KEY, STATUS_KEY, TIMEOUT_KEY, CallContext
+from .context import (
+    CALLER_KEY,
+    CANCEL_FEATURE,
+    CANCEL_KEY,
+    FEATURES_KEY,
+    GOAWAY_KEY,
+    STATUS_KEY,
+    TIMEOUT_KEY,
+    CallContext,
+)
 from .deadline import ServerDeadline
 from .framing import (
     BadHeaderFrame,
@@ -52,6 +61,8 @@ log = structlog.get_logger("meshkit.rpc.server")
 
 # Sent unsolicited to meshkit clients when a drain starts (seq id 0 is never a call's).
 GOAWAY_FRAME = encode_frame(b"", seqid=0, headers={GOAWAY_KEY: "1"})
+# The answer to a meshkit client's first frame: this server honours cancel frames.
+FEATURES_FRAME = encode_frame(b"", seqid=0, headers={FEATURES_KEY: CANCEL_FEATURE})
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
@@ -254,7 +265,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Request tasks and their frame seq ids (for cancel frames).
+        self.tasks: dict[asyncio.Task[None], int] = {}
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._reading_paused = False
@@ -330,6 +342,10 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _dispatch(self, frame: Frame) -> None:
         seqid = frame.seqid if frame.seqid is not None else 0
+        headers = frame.headers
+        if headers and CANCEL_KEY in headers and not frame.payload:
+            self._cancel(frame.seqid)
+            return
         try:
             reader = read_message(frame.payload, frame.protocol_id)
         except FrameError as exc:
@@ -352,9 +368,12 @@ class ServerConnection(asyncio.BufferedProtocol):
                 frame, reader.name, seqid, self.server.table.unknown_method(reader.name)
             )
             return
-        headers = frame.headers
-        if not self.meshkit_peer and headers and (CALLER_KEY in headers or TIMEOUT_KEY in headers):
-            self.meshkit_peer = frame.transport is TransportType.HEADER
+        if not self.meshkit_peer and headers and frame.transport is TransportType.HEADER:
+            if FEATURES_KEY in headers:
+                self.meshkit_peer = True
+                self._write(FEATURES_FRAME)
+            elif CALLER_KEY in headers or TIMEOUT_KEY in headers:
+                self.meshkit_peer = True
         ctx = CallContext(
             service=self.server.name,
             method=reader.name,
@@ -366,9 +385,18 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
         self.server._call_started()
         task = self._loop.create_task(self._run(ctx, frame, seqid, reader.seqid))
-        self.tasks.add(task)
+        self.tasks[task] = seqid
         task.add_done_callback(self._call_done)
         self._update_reading()
+
+    def _cancel(self, seqid: int | None) -> None:
+        """A meshkit client stopped waiting for call ``seqid``: stop its handler."""
+        if not seqid:
+            return
+        for task, task_seqid in self.tasks.items():
+            if task_seqid == seqid:
+                task.cancel()
+                return
 
     async def _run(self, ctx: CallContext, frame: Frame, seqid: int, msg_seqid: int) -> None:
         try:
@@ -433,7 +461,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
+        self.tasks.pop(task, None)
         self.server._call_finished()
         self._update_reading()
         if self.server.draining or self._eof:

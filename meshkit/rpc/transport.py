@@ -10,7 +10,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from ..errors import FrameError, Internal, InvalidArgument, MeshkitError, error_for_code
 from .codec import encode_message, read_message
 from .connection import ConnectionPool
-from .context import STATUS_KEY, CallContext
+from .context import CANCEL_FEATURE, FEATURES_KEY, STATUS_KEY, CallContext
 from .handler import MethodSpec
 from .theader import ProtocolId, encode_frame
 
@@ -63,9 +63,12 @@ class Transport:
                 f"arguments of {ctx.service}.{ctx.method} do not match the IDL: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
-        frame = encode_frame(
-            payload, seqid=seqid, headers=ctx.headers, protocol_id=self.protocol_id
-        )
+        headers = ctx.headers
+        if not conn.announced:
+            # First frame on this connection: say what we support (see FEATURES_KEY).
+            conn.announced = True
+            headers = {**headers, FEATURES_KEY: CANCEL_FEATURE}
+        frame = encode_frame(payload, seqid=seqid, headers=headers, protocol_id=self.protocol_id)
         if spec.oneway:
             conn.send_oneway(frame)
             return None

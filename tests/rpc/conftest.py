@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,7 @@ class ApacheEchoHandler:
 
     def slow(self, delay_ms: int) -> int:
         self._record()
+        time.sleep(delay_ms / 1000)  # Apache's server runs handlers in its own thread
         return delay_ms
 
     def ping(self) -> None:

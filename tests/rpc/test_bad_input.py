@@ -44,7 +44,7 @@ from meshkit import (
     StatusCode,
     Unavailable,
 )
-from meshkit.rpc.context import STATUS_KEY, TIMEOUT_KEY
+from meshkit.rpc.context import CANCEL_KEY, STATUS_KEY, TIMEOUT_KEY
 from meshkit.rpc.theader import HeaderLimits
 
 ECHO_IDL = Path(__file__).resolve().parents[2] / "examples" / "echo" / "echo.thrift"
@@ -623,6 +623,28 @@ async def test_garbled_framed_message_gets_protocol_error(
     assert reply.exc is not None
     assert reply.exc.type == TApplicationException.PROTOCOL_ERROR
     await assert_connection_works(writer, reader, transport="framed")
+
+
+async def test_stray_cancel_frames_are_ignored_and_empty_frames_refused(
+    echo_server: RunningServer, connect: Any
+) -> None:
+    """Cancels for no call in flight do nothing; an empty frame that is no cancel is an error."""
+    cancel = kv_block([(CANCEL_KEY.encode(), b"1")])
+    reader, writer = await connect(echo_server.port)
+    for seqid in (0, 12345, -1):
+        writer.write(header_frame(b"", seqid=seqid, block=cancel))
+    reply = await exchange(
+        writer, reader, header_frame(b"", seqid=8, block=kv_block([(b"user-id", b"7")]))
+    )
+    assert reply.mtype == TMessageType.EXCEPTION
+    assert reply.frame_seqid == 8
+    assert reply.exc is not None
+    assert reply.exc.type == TApplicationException.PROTOCOL_ERROR
+    # a call that happens to carry the cancel key is still a call
+    call = payload_of(message("echo", string_field("not a cancel"), seqid=9))
+    reply = await exchange(writer, reader, header_frame(call, seqid=9, block=cancel))
+    assert (reply.mtype, reply.success) == (TMessageType.REPLY, "not a cancel")
+    await assert_connection_works(writer, reader)
 
 
 async def test_bytes_after_the_message_are_refused(

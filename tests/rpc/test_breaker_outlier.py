@@ -819,3 +819,34 @@ async def test_breakers_and_ejection_together(
     assert backends[0].calls == 2  # the breaker acted first
     assert breakers.state(addrs[0]) == "open"
     assert outliers.ejected() == {}
+
+
+async def test_client_reports_open_breakers_and_ejections(
+    start: Start, registry: CollectorRegistry
+) -> None:
+    """``RpcClient.policy_state()`` (shown in ``/info``) names what the default chain shuns."""
+    backends = [Backend(failing=True), Backend()]
+    addrs = [await start(b) for b in backends]
+    breakers = CircuitBreakers(fail_max=2, reset_timeout=30.0, metrics_registry=registry)
+    c = RpcClient(
+        echo_thrift.Echo,
+        "echo",
+        resolver=StaticResolver(addrs),
+        breakers=breakers,
+        balancer=RoundRobin(),
+        metrics_registry=registry,
+    )
+    try:
+        assert c.policy_state() == {"breakers": {}, "ejected": {}}
+        for _ in range(10):
+            await outcome(c.echo("x"))
+        state = c.policy_state()
+        assert state["breakers"] == {addrs[0]: "open"}
+        assert state["ejected"] == {}  # 2 failures: below the ejector's 5 in a row
+        assert c.outliers is not None and c.breakers is breakers
+    finally:
+        await c.close()
+    off = RpcClient(
+        echo_thrift.Echo, "echo", resolver=StaticResolver(addrs), breakers=False, outliers=False
+    )
+    assert off.policy_state() == {"breakers": {}, "ejected": {}}

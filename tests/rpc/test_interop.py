@@ -417,6 +417,25 @@ async def test_meshkit_client_reads_apache_response_headers(
     assert [h.get("x-served-by") for h in seen] == ["apache", "apache"]
 
 
+async def test_meshkit_client_sends_no_cancel_frames_to_an_apache_server(
+    apache_server: ApacheServer, rpc_metrics: CollectorRegistry
+) -> None:
+    """Cancel frames go only to servers that said they take them: Apache never does."""
+    client = Client(echo_thrift.Echo, "echo", addr=apache_server.addr, metrics_registry=rpc_metrics)
+    try:
+        assert await client.echo("first") == "first"
+        (conn,) = [c for conns in client.pool._conns.values() for c in conns]
+        assert conn.announced and not conn.peer_cancels
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.slow(300), 0.05)
+        # the same connection goes on working (an unexpected frame would have broken it)
+        assert await client.echo("after") == "after"
+        assert [c for conns in client.pool._conns.values() for c in conns] == [conn]
+        assert conn.usable
+    finally:
+        await client.close()
+
+
 async def test_meshkit_client_unknown_method_on_apache_server(
     apache_server: ApacheServer, rpc_metrics: CollectorRegistry
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 import structlog
 from echo_support import EchoImpl, echo_thrift
 from prometheus_client import CollectorRegistry
+from waiting import wait_until
 
 from meshkit import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from meshkit.errors import StatusCode
@@ -479,18 +480,13 @@ async def test_hedge_goes_to_another_instance_and_the_loser_is_cancelled(
         assert sample(
             metrics_registry, "meshkit_rpc_client_hedges_total", "echo", outcome=outcome
         ) == (20.0)
-    # The slow instance's late replies arrive on a healthy connection and are dropped.
-    await asyncio.sleep(SLOW + 0.1)
-    assert slow.echo_finished == 20
+    # Each loser's connection sent a cancel frame: the slow instance stopped its handler.
+    await wait_until(lambda: slow.echo_cancelled == 20, "the slow instance to cancel 20 losers")
+    assert slow.echo_finished == 0
     assert pending_replies(client) == 0
     assert await client.echo("after") == "fast:after"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the wire has no per-call cancel: a cancelled attempt is forgotten by the client "
-    "connection but its handler runs on (needs a cancel frame in connection.py/server.py)",
-)
 async def test_hedge_loser_is_cancelled_on_the_server(
     start: Start, clients: Callable[..., RpcClient]
 ) -> None:
@@ -501,6 +497,24 @@ async def test_hedge_loser_is_cancelled_on_the_server(
     assert await client.echo("x") == "fast:x"
     await asyncio.sleep(SLOW + 0.1)
     assert slow.echo_cancelled == 1
+
+
+async def test_a_caller_that_stops_waiting_cancels_only_its_call_on_the_server(
+    start: Start, clients: Callable[..., RpcClient]
+) -> None:
+    """A cancel frame stops that call's handler; calls beside it on the connection go on."""
+    slow = Instance("slow", delay=SLOW)
+    client = clients([await start(slow)], lambda r: [ClientDeadline(5), Pick(r, Pinned())])
+    assert await client.reverse("ab") is not None  # the connection has seen the server's answer
+    (conn,) = [c for conns in client.pool._conns.values() for c in conns]
+    assert conn.peer_cancels
+    survivor = asyncio.ensure_future(client.echo("stays"))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.echo("given up"), SLOW / 4)
+    await wait_until(lambda: slow.echo_cancelled == 1, "the server to cancel the handler")
+    assert await survivor == "slow:stays"
+    assert slow.echo_finished == 1
+    assert conn.usable and not conn.pending
 
 
 async def test_hedging_cuts_the_tail_with_round_robin(

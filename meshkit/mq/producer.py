@@ -1,0 +1,327 @@
+""":class:`Publisher`: an idempotent Kafka producer whose deliveries are awaited on asyncio.
+
+confluent-kafka's ``Producer.produce`` only enqueues (it never blocks); delivery
+reports arrive through ``poll()``, which a dedicated thread calls. Reports collected in
+one ``poll()`` are handed to the event loop in one ``call_soon_threadsafe``, so the
+loop is woken once per batch, not once per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from prometheus_client import CollectorRegistry
+
+from .codec import Codec, codec_for_value
+from .errors import ConfigError, PublishBufferFull, PublishError
+from .metrics import ProducerMetrics
+from .tracing import end_producer_span, start_producer_span
+from .url import bootstrap_servers
+
+__all__ = ["Delivery", "Publisher"]
+
+log = structlog.get_logger("meshkit.mq.producer")
+
+Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
+
+#: librdkafka settings meshkit uses unless the caller overrides them.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "enable.idempotence": True,  # implies acks=all, bounded in-flight, no duplicates on retry
+    "linger.ms": 5,
+    "message.timeout.ms": 30_000,  # a delivery that cannot succeed fails within 30 s
+    "queue.buffering.max.messages": 100_000,
+    "queue.buffering.max.kbytes": 262_144,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where the broker stored a published message."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _key_bytes(key: Any) -> bytes | None:
+    if key is None or isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key).encode()
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
+    raise TypeError(f"expected a str, bytes or int message key, found {type(key).__name__}")
+
+
+def _header_list(headers: Headers) -> list[tuple[str, bytes]]:
+    if headers is None:
+        return []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out = []
+    for name, value in items:
+        out.append((str(name), value.encode() if isinstance(value, str) else bytes(value)))
+    return out
+
+
+class Publisher:
+    """Publishes to Kafka with idempotence on, awaiting each delivery report.
+
+    ``url``: ``kafka://host:port`` (default ``MESHKIT_MQ``); ``config``: librdkafka
+    settings merged over :data:`DEFAULT_CONFIG` (``queue.buffering.max.messages`` bounds
+    the buffer: a publish beyond it raises :class:`PublishBufferFull` at once).
+    Start it with :meth:`start` (or implicitly on first publish); :meth:`close` flushes.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+        flush_timeout: float = 10.0,
+    ) -> None:
+        self.bootstrap = bootstrap_servers(url)
+        self.config: dict[str, Any] = {
+            **DEFAULT_CONFIG,
+            **(config or {}),
+            "bootstrap.servers": self.bootstrap,
+        }
+        if not self.config.get("enable.idempotence", True):
+            log.warning("publisher idempotence disabled by configuration")
+        self.flush_timeout = flush_timeout
+        self.metrics = ProducerMetrics.get(metrics_registry)
+        self._producer: Producer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._waiting: set[asyncio.Future[Delivery]] = set()
+        self._reports: list[tuple[asyncio.Future[Delivery], KafkaError | None, Message, Any]] = []
+        self._closed = False
+        self._start_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    @property
+    def pending(self) -> int:
+        """Messages published and not yet acknowledged (or failed)."""
+        return self._pending
+
+    def start(self) -> None:
+        """Create the producer and its poll thread (idempotent; needs a running loop)."""
+        if self._closed:
+            raise PublishError("the publisher is closed")
+        with self._start_lock:
+            if self._producer is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            try:
+                self._producer = Producer(self.config, logger=_RdkafkaLog())
+            except KafkaException as exc:
+                raise ConfigError(f"invalid producer configuration: {exc}") from exc
+            self._thread = threading.Thread(
+                target=self._poll_forever, name="meshkit-mq-producer", daemon=True
+            )
+            self._thread.start()
+
+    async def close(self, timeout: float | None = None) -> int:
+        """Flush (waiting up to ``timeout`` s), then stop; returns messages left undelivered.
+
+        Publishes still waiting when the time is up fail with :class:`PublishError`.
+        """
+        if self._closed:
+            return 0
+        left = await self.flush(timeout)
+        self._closed = True
+        self._closing.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        await asyncio.sleep(0)  # let reports from the thread's last poll() resolve
+        if left:
+            log.warning("publisher closed with undelivered messages", undelivered=left)
+            for future in list(self._waiting):
+                if not future.done():
+                    future.set_exception(
+                        PublishError("the publisher closed before the broker acknowledged")
+                    )
+        return left
+
+    async def flush(self, timeout: float | None = None) -> int:
+        """Wait until every buffered message is acknowledged or failed, up to ``timeout`` s;
+        returns how many are still waiting."""
+        if self._producer is None:
+            return 0
+        timeout = self.flush_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        return self._pending
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: str | bytes | int | None = None,
+        headers: Headers = None,
+        partition: int | None = None,
+        codec: Codec | None = None,
+    ) -> Delivery:
+        """Publish ``value`` (encoded by ``codec``, or by its type: bytes raw, Thrift
+        struct binary, else JSON) and wait for the broker's acknowledgement.
+
+        Raises :class:`PublishBufferFull` (nothing enqueued) when the buffer is full and
+        :class:`PublishError` when the broker does not take the message.
+        """
+        return await self.publish_nowait(
+            topic, value, key=key, headers=headers, partition=partition, codec=codec
+        )
+
+    def publish_nowait(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: str | bytes | int | None = None,
+        headers: Headers = None,
+        partition: int | None = None,
+        codec: Codec | None = None,
+    ) -> asyncio.Future[Delivery]:
+        """Enqueue and return a future for the delivery (for pipelining many publishes)."""
+        payload = (codec or codec_for_value(value)).encode(value)
+        return self.produce_raw(
+            topic, payload, key=_key_bytes(key), headers=_header_list(headers), partition=partition
+        )
+
+    def produce_raw(
+        self,
+        topic: str,
+        payload: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> asyncio.Future[Delivery]:
+        """Enqueue already-encoded bytes; the future resolves on the delivery report."""
+        if self._producer is None:
+            self.start()
+        assert self._producer is not None and self._loop is not None
+        if self._closed:
+            raise PublishError(f"cannot publish to {topic!r}: the publisher is closed")
+        headers = headers if headers is not None else []
+        span = start_producer_span(topic, key, headers)
+        future: asyncio.Future[Delivery] = self._loop.create_future()
+        kwargs: dict[str, Any] = {}
+        if partition is not None:
+            kwargs["partition"] = partition
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            self._reports.append((future, err, msg, span))
+
+        try:
+            self._producer.produce(
+                topic,
+                payload,
+                key,
+                headers=cast(Any, headers or None),
+                on_delivery=on_delivery,
+                **kwargs,
+            )
+        except BufferError:
+            end_producer_span(span, None, None, "buffer full")
+            self.metrics.buffer_full.labels(topic).inc()
+            raise PublishBufferFull(
+                f"cannot publish to {topic!r}: the producer buffer is full "
+                f"({len(self._producer)} messages waiting; queue.buffering.max.messages="
+                f"{self.config.get('queue.buffering.max.messages')}, "
+                f"queue.buffering.max.kbytes={self.config.get('queue.buffering.max.kbytes')}). "
+                "The broker is slower than the publishers or unreachable; publish again "
+                "later or shed load"
+            ) from None
+        except KafkaException as exc:
+            end_producer_span(span, None, None, str(exc))
+            raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
+        self._pending += 1
+        self._waiting.add(future)
+        self.metrics.buffered.inc()
+        return future
+
+    # -- delivery reports (poll thread → loop) --------------------------------------------
+
+    def _poll_forever(self) -> None:
+        # The only thread that calls poll(): delivery callbacks run here and nowhere else.
+        producer = self._producer
+        assert producer is not None and self._loop is not None
+        loop = self._loop
+        while True:
+            closing = self._closing.is_set()
+            producer.poll(0 if closing else 0.05)
+            if self._reports:
+                reports, self._reports = self._reports, []
+                try:
+                    loop.call_soon_threadsafe(self._resolve, reports)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    return
+            if closing:
+                return
+
+    def _resolve(
+        self, reports: list[tuple[asyncio.Future[Delivery], KafkaError | None, Message, Any]]
+    ) -> None:
+        metrics = self.metrics
+        self._pending -= len(reports)
+        metrics.buffered.dec(len(reports))
+        if self._pending == 0:
+            self._idle.set()
+        for future, err, msg, span in reports:
+            self._waiting.discard(future)
+            topic = msg.topic() or "?"
+            if err is not None:
+                metrics.published.labels(topic, "error").inc()
+                end_producer_span(span, None, None, err.str())
+                if not future.done():
+                    future.set_exception(
+                        PublishError(f"broker did not take a message for {topic!r}: {err.str()}")
+                    )
+                continue
+            metrics.published.labels(topic, "ok").inc()
+            partition, offset = msg.partition(), msg.offset()
+            end_producer_span(span, partition, offset, None)
+            if not future.done():
+                future.set_result(Delivery(topic, partition or 0, offset or 0))
+
+
+class _RdkafkaLog:
+    """librdkafka log lines through structlog (at most one line per message per 10 s)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        text = fmt % args if args else fmt
+        now = time.monotonic()
+        if now - self._last.get(text, -1e9) < 10.0:
+            return
+        self._last[text] = now
+        if len(self._last) > 1000:
+            self._last.clear()
+        log.debug("librdkafka", message=text, level=level)

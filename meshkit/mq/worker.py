@@ -1,0 +1,918 @@
+""":class:`Worker`: one Kafka consumer group member running handlers, at least once.
+
+How it keeps its promises:
+
+* **Never blocks the event loop.** Every call on the confluent-kafka ``Consumer`` runs
+  on one dedicated thread (a single-thread executor), so the consumer is used from one
+  thread only and the loop only awaits. Rebalance callbacks run on that thread inside
+  ``consume()`` and wait for the loop through ``run_coroutine_threadsafe``.
+* **At least once.** ``enable.auto.commit`` is off. A message's offset counts as done
+  only when its handler finished (or it was moved to a retry topic or the DLQ and the
+  broker acknowledged that); the commit point per partition is the first offset not
+  done (:class:`~meshkit.mq.offsets.PartitionState`), committed every
+  ``commit_interval`` seconds, on revoke and on stop.
+* **Per-key order, bounded concurrency.** Messages wait in one queue per key; a key
+  is handled by at most one of the ``concurrency`` runner tasks at a time, in fetch
+  order, so messages with the same key are handled in order while different keys run
+  concurrently, and a slow key holds up only itself. Keys take turns (one message,
+  then the key goes to the back). Messages without a key have no order to keep. At
+  most ``max_buffered`` messages are fetched and not finished; beyond that the assigned
+  partitions are paused (the consumer keeps polling so it stays in the group) and
+  resumed below half of it.
+* **Retries without stalling the partition.** See :class:`~meshkit.mq.RetryPolicy`. A
+  message read from ``<topic>.retry.N`` before its time pauses that retry partition and
+  seeks back to it; the partition resumes when the message is due.
+* **Rebalance and stop.** On revoke, no new message of those partitions is fetched;
+  the ones already fetched keep running for up to ``drain_timeout`` seconds, the rest
+  are abandoned (the next owner gets them again); what finished is committed
+  synchronously before the partitions go. :meth:`stop` does the same for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import CollectorRegistry
+
+from . import headers as H
+from .context import MessageContext
+from .errors import ConfigError, DeadLetter, DecodeError, MqError
+from .metrics import ConsumerMetrics
+from .offsets import PartitionState
+from .producer import Publisher
+from .retry import dlq_topic, retry_topic
+from .subscription import Subscription
+from .tracing import ConsumerSpan
+from .url import bootstrap_servers
+
+__all__ = ["DEFAULT_CONSUMER_CONFIG", "Worker", "ensure_topics"]
+
+log = structlog.get_logger("meshkit.mq.worker")
+
+#: librdkafka consumer settings meshkit uses unless the caller overrides them.
+DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "auto.offset.reset": "earliest",
+    "enable.partition.eof": False,
+    "session.timeout.ms": 10_000,
+    "heartbeat.interval.ms": 1_000,
+    "max.poll.interval.ms": 300_000,
+}
+
+_TPKey = tuple[str, int]
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication: int = 1,
+    timeout: float = 10.0,
+    config: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Create the topics of ``{name: partitions}`` that do not exist (blocking).
+
+    Returns the names created. A topic created concurrently by someone else is fine.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap, **(config or {})})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    missing = [
+        NewTopic(name, num_partitions=n, replication_factor=replication)
+        for name, n in topics.items()
+        if name not in existing
+    ]
+    if not missing:
+        return []
+    created = []
+    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        try:
+            future.result(timeout)
+            created.append(name)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise MqError(f"could not create topic {name!r}: {exc}") from exc
+    return created
+
+
+def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int | None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    meta = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        return None
+    return len(meta.partitions)
+
+
+_Entry = tuple[Message, PartitionState]
+
+
+class _Runnable:
+    """Work for the runners: keys with queued messages, and messages without a key."""
+
+    __slots__ = ("by_key", "idle", "ready")
+
+    def __init__(self) -> None:
+        #: key → its queued messages; present while the key is ready or being handled
+        self.by_key: dict[bytes, deque[_Entry]] = {}
+        #: keys (bytes) whose turn is coming, and unkeyed entries, in arrival order
+        self.ready: deque[bytes | _Entry] = deque()
+        #: runners waiting for work
+        self.idle: deque[asyncio.Future[None]] = deque()
+
+    def add(self, key: bytes | None, entry: _Entry) -> None:
+        if key is None:
+            self.ready.append(entry)
+        else:
+            queue = self.by_key.get(key)
+            if queue is not None:
+                queue.append(entry)  # the key is ready or being handled already
+                return
+            self.by_key[key] = deque((entry,))
+            self.ready.append(key)
+        while self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+
+class Worker:
+    """A consumer group member that runs the handlers of ``subscriptions``.
+
+    ``group``: the consumer group (one Kafka consumer per worker); ``url``:
+    ``kafka://host:port`` (default ``MESHKIT_MQ``); ``concurrency``: handlers running at
+    once (each on a different key); ``max_buffered``: messages fetched and not finished
+    before partitions are paused; ``drain_timeout``: seconds to let fetched messages
+    finish on revoke and stop; ``config``: librdkafka settings over
+    :data:`DEFAULT_CONSUMER_CONFIG`; ``publisher``: used for retry topics and the DLQ
+    (one is created when omitted); ``create_topics``: create missing topics at start
+    (the topic with ``partitions`` partitions, its retry topics and DLQ with as many as
+    the topic has).
+    """
+
+    def __init__(
+        self,
+        group: str,
+        subscriptions: Sequence[Subscription],
+        *,
+        url: str | None = None,
+        concurrency: int = 16,
+        max_buffered: int = 1000,
+        batch_size: int = 500,
+        drain_timeout: float = 10.0,
+        commit_interval: float = 1.0,
+        poll_timeout: float = 0.1,
+        config: Mapping[str, Any] | None = None,
+        publisher: Publisher | None = None,
+        create_topics: bool = True,
+        partitions: int = 3,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not group:
+            raise ConfigError("expected a consumer group name, found an empty one")
+        if not subscriptions:
+            raise ConfigError(f"expected at least one subscription for group {group!r}")
+        if concurrency < 1 or max_buffered < 1 or batch_size < 1:
+            raise ConfigError(
+                "expected concurrency, max_buffered and batch_size ≥ 1, found "
+                f"{concurrency}, {max_buffered}, {batch_size}"
+            )
+        self.group = group
+        self.bootstrap = bootstrap_servers(url)
+        self.url = url
+        self.subscriptions = {s.topic: s for s in subscriptions}
+        if len(self.subscriptions) != len(subscriptions):
+            raise ConfigError(f"expected one handler per topic in group {group!r}")
+        # Every topic read → (subscription, retry level).
+        self._routes: dict[str, tuple[Subscription, int]] = {}
+        for sub in subscriptions:
+            for level, topic in enumerate(sub.topics):
+                if topic in self._routes:
+                    raise ConfigError(f"topic {topic!r} is subscribed twice in group {group!r}")
+                self._routes[topic] = (sub, level)
+        self.concurrency = concurrency
+        self.max_buffered = max_buffered
+        self.batch_size = batch_size
+        self.drain_timeout = drain_timeout
+        self.commit_interval = commit_interval
+        self.poll_timeout = poll_timeout
+        self.config: dict[str, Any] = {
+            **DEFAULT_CONSUMER_CONFIG,
+            **(config or {}),
+            "bootstrap.servers": self.bootstrap,
+            "group.id": group,
+        }
+        if self.config.get("enable.auto.commit") not in (False, "false"):
+            raise ConfigError("a meshkit worker commits itself: enable.auto.commit must be false")
+        self.create_topics = create_topics
+        self.partitions = partitions
+        self._publisher = publisher
+        self._owns_publisher = publisher is None
+        self.metrics = ConsumerMetrics.get(metrics_registry)
+        self._in_flight_gauge = self.metrics.in_flight.labels(group)
+        self._labels: dict[str, tuple[Any, ...]] = {}
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        self._consumer: Consumer | None = None
+        self._states: dict[_TPKey, PartitionState] = {}
+        self._assigned: set[_TPKey] = set()
+        self._held: dict[_TPKey, float] = {}  # retry partitions paused until (loop time)
+        self._paused_all = False
+        self._work = _Runnable()
+        self._runners: list[asyncio.Task[None]] = []
+        self.in_flight = 0
+        self._capacity = asyncio.Event()
+        self._progress = asyncio.Event()  # set each time a runner finishes a message
+        self._background: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        self._consume_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self._started = False
+        self.last_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic the worker reads (the subscribed ones and their retry topics)."""
+        return list(self._routes)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        assert self._loop is not None and self._io is not None
+        if kwargs:
+            return await self._loop.run_in_executor(self._io, lambda: fn(*args, **kwargs))
+        return await self._loop.run_in_executor(self._io, fn, *args)
+
+    async def start(self) -> None:
+        """Create missing topics, join the group and start handling messages."""
+        if self._started:
+            return
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._io = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"meshkit-mq-{self.group}"
+        )
+        if self.create_topics:
+            await self._call(self._ensure_topics)
+        if self._publisher is None:
+            self._publisher = Publisher(self.url)
+        self._publisher.start()
+        try:
+            self._consumer = await self._call(Consumer, self.config, logger=_quiet_logger)
+        except KafkaException as exc:
+            raise ConfigError(f"invalid consumer configuration for {self.group!r}: {exc}") from exc
+        await self._call(
+            self._consumer.subscribe,
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._runners = [asyncio.create_task(self._run()) for _ in range(self.concurrency)]
+        self._consume_task = asyncio.create_task(self._consume_loop())
+        self._commit_task = asyncio.create_task(self._commit_loop())
+        log.info(
+            "worker started",
+            group=self.group,
+            topics=self.topics,
+            concurrency=self.concurrency,
+            max_buffered=self.max_buffered,
+        )
+
+    def _ensure_topics(self) -> None:
+        wanted: dict[str, int] = {}
+        for sub in self.subscriptions.values():
+            n = _topic_partitions(self.bootstrap, sub.topic) or self.partitions
+            wanted[sub.topic] = n
+            for topic in sub.retry.retry_topics(sub.topic):
+                wanted[topic] = n
+            if sub.retry.dead_letter:
+                wanted[sub.dlq] = n
+        created = ensure_topics(self.bootstrap, wanted)
+        if created:
+            log.info("topics created", group=self.group, topics=created)
+
+    async def stop(self, timeout: float | None = None) -> bool:
+        """Stop fetching, let fetched messages finish (up to ``timeout`` s, default
+        ``drain_timeout``), commit what finished and leave the group.
+
+        Returns ``True`` when every fetched message finished in time.
+        """
+        if not self._started or self._stopping:
+            return True
+        self._stopping = True
+        timeout = self.drain_timeout if timeout is None else timeout
+        if self._consume_task is not None:
+            await self._consume_task
+        if self._commit_task is not None:
+            self._commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._commit_task
+        states = list(self._states.values())
+        self._states.clear()
+        finished = await self._drain(states, timeout)
+        offsets = self._commit_offsets(states)
+        if offsets and self._consumer is not None:
+            await self._call(self._commit_sync, offsets)
+        for runner in self._runners:
+            runner.cancel()
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        if self._consumer is not None:
+            await self._call(self._consumer.close)
+        if self._io is not None:
+            self._io.shutdown(wait=False)
+        if self._owns_publisher and self._publisher is not None:
+            await self._publisher.close()
+        for key in list(self._assigned):
+            self._forget_lag(key)
+        log.info("worker stopped", group=self.group, finished=finished, abandoned=self.in_flight)
+        return finished
+
+    async def _drain(self, states: Iterable[PartitionState], timeout: float) -> bool:
+        """Wait until ``states`` have nothing in flight or ``timeout`` passes; then abandon."""
+        states = list(states)
+        deadline = time.monotonic() + timeout
+        while any(s.pending for s in states) and time.monotonic() < deadline:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
+        finished = not any(s.pending for s in states)
+        for s in states:
+            s.revoked = True
+        return finished
+
+    def info(self) -> dict[str, Any]:
+        """What ``/info`` shows about this worker."""
+        return {
+            "group": self.group,
+            "topics": self.topics,
+            "assigned": sorted(f"{t}[{p}]" for t, p in self._assigned),
+            "in_flight": self.in_flight,
+            "paused": self._paused_all,
+            "held_retry_partitions": sorted(f"{t}[{p}]" for t, p in self._held),
+            "last_error": self.last_error,
+        }
+
+    # -- fetching (loop side) -------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while not self._stopping:
+            try:
+                room = self.max_buffered - self.in_flight
+                if room <= 0:
+                    if not self._paused_all:
+                        await self._call(self._pause_all)
+                    self._capacity.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._capacity.wait(), 0.5)
+                    # Keep polling while paused: group membership and rebalances need it.
+                    messages = await self._call(consumer.consume, self.batch_size, 0)
+                else:
+                    if self._paused_all:
+                        await self._call(self._resume_all)
+                    messages = await self._call(
+                        consumer.consume, min(room, self.batch_size), self.poll_timeout
+                    )
+                if messages:
+                    self._dispatch(messages)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep consuming: a broker hiccup must not kill the worker
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("consume failed", group=self.group, error=self.last_error)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, messages: list[Message]) -> None:
+        held_now: list[tuple[Message, float]] = []
+        held_keys: set[_TPKey] = set()
+        now_ms = time.time() * 1000
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.last_error = err.str()
+                    log.warning("consumer error", group=self.group, error=err.str())
+                continue
+            topic, partition, offset = _where(msg)
+            key = (topic, partition)
+            if key in held_keys:
+                continue
+            if key not in self._assigned:
+                continue  # fetched just before a revoke; the new owner reads it again
+            route = self._routes.get(topic)
+            if route is None:
+                continue
+            if route[1] > 0:
+                due = _not_before(msg)
+                if due is not None and due > now_ms:
+                    held_keys.add(key)
+                    held_now.append((msg, due))
+                    continue
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = PartitionState(topic, partition)
+            state.add(offset)
+            self.in_flight += 1
+            self._work.add(msg.key(), (msg, state))
+        self._in_flight_gauge.set(self.in_flight)
+        if held_now:
+            self._spawn(self._hold(held_now))
+
+    async def _hold(self, held: list[tuple[Message, float]]) -> None:
+        """Pause retry partitions whose next message is not due and seek back to it."""
+        assert self._loop is not None
+        tps = [TopicPartition(*_where(m)) for m, _ in held]
+
+        def pause_and_seek() -> None:
+            assert self._consumer is not None
+            live = [tp for tp in tps if (tp.topic, tp.partition) in self._assigned]
+            if not live:
+                return
+            self._consumer.pause(live)
+            for tp in live:
+                try:
+                    self._consumer.seek(tp)
+                except KafkaException as exc:  # revoked in between: the new owner reads it
+                    log.debug("seek failed", topic=tp.topic, partition=tp.partition, error=str(exc))
+
+        await self._call(pause_and_seek)
+        now_ms = time.time() * 1000
+        for msg, due in held:
+            topic, partition, _ = _where(msg)
+            key = (topic, partition)
+            self._held[key] = due
+            self._loop.call_later(max(0.0, (due - now_ms) / 1000), self._release, key, due)
+
+    def _release(self, key: _TPKey, due: float) -> None:
+        if self._held.get(key) != due or self._stopping:
+            return
+        del self._held[key]
+        if self._paused_all:
+            return  # resumed with the others when there is room
+
+        def resume() -> None:
+            if key in self._assigned and self._consumer is not None and not self._paused_all:
+                self._consumer.resume([TopicPartition(*key)])
+
+        self._spawn(self._call(resume))
+
+    def _spawn(self, aw: Any) -> None:
+        task = asyncio.ensure_future(aw)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- io-thread helpers -----------------------------------------------------------------
+
+    def _pause_all(self) -> None:
+        assert self._consumer is not None
+        tps = [TopicPartition(t, p) for t, p in self._assigned]
+        if tps:
+            self._consumer.pause(tps)
+        self._paused_all = True
+
+    def _resume_all(self) -> None:
+        assert self._consumer is not None
+        tps = [TopicPartition(t, p) for t, p in self._assigned if (t, p) not in self._held]
+        if tps:
+            self._consumer.resume(tps)
+        self._paused_all = False
+
+    def _commit_sync(self, offsets: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        try:
+            result = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            self.last_error = f"commit failed: {exc}"
+            log.warning("commit failed", group=self.group, error=str(exc))
+            return
+        for tp in result or offsets:
+            if tp.error is not None:
+                log.warning(
+                    "commit failed", group=self.group, topic=tp.topic, partition=tp.partition,
+                    error=str(tp.error),
+                )  # fmt: skip
+                continue
+            state = self._states.get((tp.topic, tp.partition))
+            if state is not None and (state.committed is None or tp.offset > state.committed):
+                state.committed = tp.offset
+
+    # -- rebalance callbacks (io thread, inside consume()) -----------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned |= keys
+        self._paused_all = False  # a new assignment starts unpaused
+        for key in list(self._held):
+            if key not in self._assigned:
+                del self._held[key]
+        self.metrics.rebalances.labels(self.group, "assign").inc()
+        committed: dict[_TPKey, int] = {}
+        try:
+            for tp in consumer.committed(partitions, timeout=5.0):
+                if tp.offset >= 0:
+                    committed[(tp.topic, tp.partition)] = tp.offset
+        except KafkaException as exc:
+            log.debug("reading committed offsets failed", group=self.group, error=str(exc))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._assigned_on_loop, keys, committed)
+        log.info("partitions assigned", group=self.group, partitions=_names(partitions))
+
+    def _assigned_on_loop(self, keys: set[_TPKey], committed: dict[_TPKey, int]) -> None:
+        for key in keys:
+            if key not in self._states and key in self._assigned:
+                self._states[key] = PartitionState(*key, committed=committed.get(key))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoke(consumer, partitions, commit=True)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoke(consumer, partitions, commit=False)
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition], commit: bool) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned -= keys
+        for key in keys:
+            self._held.pop(key, None)
+        self.metrics.rebalances.labels(self.group, "revoke" if commit else "lost").inc()
+        assert self._loop is not None
+        timeout = 0.0 if self._stopping else self.drain_timeout
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                self._release_partitions(keys, timeout), self._loop
+            )
+            offsets = future.result(timeout + 5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            log.warning("revoke: could not drain", group=self.group, error=repr(exc))
+            return
+        if commit and offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("revoke: commit failed", group=self.group, error=str(exc))
+        log.info(
+            "partitions revoked" if commit else "partitions lost",
+            group=self.group,
+            partitions=_names(partitions),
+            committed={f"{tp.topic}[{tp.partition}]": tp.offset for tp in offsets},
+        )
+
+    async def _release_partitions(self, keys: set[_TPKey], timeout: float) -> list[TopicPartition]:
+        states = [self._states.pop(key) for key in keys if key in self._states]
+        await self._drain(states, timeout)
+        for key in keys:
+            self._forget_lag(key)
+        return self._commit_offsets(states)
+
+    # -- committing ------------------------------------------------------------------------
+
+    @staticmethod
+    def _commit_offsets(states: Iterable[PartitionState]) -> list[TopicPartition]:
+        offsets = []
+        for s in states:
+            point = s.commit_point()
+            if point is not None:
+                offsets.append(TopicPartition(s.topic, s.partition, point))
+        return offsets
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval)
+            try:
+                offsets = self._commit_offsets(self._states.values())
+                if offsets:
+                    await self._call(self._commit_sync, offsets)
+                await self._update_lag()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("commit loop failed", group=self.group, error=repr(exc))
+
+    async def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        keys = list(self._assigned)
+
+        def watermarks() -> list[tuple[int, int] | None]:
+            out: list[tuple[int, int] | None] = []
+            for key in keys:
+                try:
+                    # Cached: from fetch responses, no broker round trip.
+                    out.append(consumer.get_watermark_offsets(TopicPartition(*key), cached=True))
+                except KafkaException:
+                    out.append(None)
+            return out
+
+        marks = await self._call(watermarks)
+        for key, mark in zip(keys, marks, strict=True):
+            if mark is None:
+                continue
+            low, high = mark
+            if high < 0:
+                continue
+            state = self._states.get(key)
+            base = None
+            if state is not None:
+                base = state.committed if state.committed is not None else state.next_commit
+            if base is None:
+                base = low if low >= 0 else None
+            if base is None:
+                continue
+            self.metrics.lag.labels(self.group, key[0], str(key[1])).set(max(0, high - base))
+
+    def _forget_lag(self, key: _TPKey) -> None:
+        with contextlib.suppress(KeyError):
+            self.metrics.lag.remove(self.group, key[0], str(key[1]))
+
+    # -- handling (runners) ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """One runner: takes a key's next message (or an unkeyed one) and handles it."""
+        assert self._loop is not None
+        work = self._work
+        ready, by_key = work.ready, work.by_key
+        while True:
+            if not ready:
+                waiter = self._loop.create_future()
+                work.idle.append(waiter)
+                await waiter
+                continue
+            item = ready.popleft()
+            if isinstance(item, bytes):
+                key: bytes | None = item
+                queue = by_key[item]
+                msg, state = queue.popleft()
+            else:
+                key = None
+                msg, state = item
+            try:
+                if not state.revoked and await self._handle(msg, state):
+                    state.finish(_where(msg)[2])
+            finally:
+                if key is not None:
+                    if queue:
+                        ready.append(key)  # its next message waits for its turn
+                    else:
+                        del by_key[key]
+                self.in_flight -= 1
+                self._progress.set()
+                if self.in_flight <= self.max_buffered // 2 and not self._capacity.is_set():
+                    self._capacity.set()
+                if not ready:
+                    self._in_flight_gauge.set(self.in_flight)
+
+    def _labels_for(self, topic: str) -> tuple[Any, ...]:
+        labels = self._labels.get(topic)
+        if labels is None:
+            m = self.metrics
+            labels = self._labels[topic] = (
+                m.processed.labels(self.group, topic),
+                m.failed.labels(self.group, topic),
+                m.latency.labels(self.group, topic),
+            )
+        return labels
+
+    async def _handle(self, msg: Message, state: PartitionState) -> bool:
+        """Run the handler with retries; ``True`` when the message is done with."""
+        topic, partition, offset = _where(msg)
+        sub, level = self._routes[topic]
+        raw_headers = msg.headers()
+        text_headers = H.header_map(raw_headers) if raw_headers else {}
+        prior = _int(text_headers.get(H.ATTEMPTS), 0) if level else 0
+        processed, failed, latency = self._labels_for(sub.topic)
+        try:
+            assert sub.codec is not None
+            value = sub.codec.decode(msg.value())
+        except DecodeError as exc:
+            return await self._dead_letter(msg, state, sub, exc, prior, "poison")
+        except Exception as exc:  # a custom codec failing in its own way is poison too
+            return await self._dead_letter(
+                msg, state, sub, DecodeError(f"{type(exc).__name__}: {exc}"), prior, "poison"
+            )
+        policy = sub.retry
+        error: BaseException | None = None
+        for attempt in range(1, policy.attempts + 1):
+            if state.revoked:
+                return False
+            ctx = MessageContext(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=msg.key(),
+                headers=text_headers,
+                timestamp=_timestamp(msg),
+                group=self.group,
+                original_topic=sub.topic,
+                attempt=prior + attempt,
+                retry_level=level,
+                raw=msg.value(),
+            )
+            span = ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
+            start = time.perf_counter()
+            try:
+                if sub.is_async:
+                    if sub.wants_context:
+                        await sub.handler(value, ctx)
+                    else:
+                        await sub.handler(value)
+                else:
+                    assert self._loop is not None
+                    args = (value, ctx) if sub.wants_context else (value,)
+                    await self._loop.run_in_executor(None, sub.handler, *args)
+            except DeadLetter as exc:
+                span.end(exc)
+                latency.observe(time.perf_counter() - start)
+                failed.inc()
+                return await self._dead_letter(msg, state, sub, exc, prior + attempt, "rejected")
+            except Exception as exc:
+                span.end(exc)
+                latency.observe(time.perf_counter() - start)
+                failed.inc()
+                error = exc
+                log.warning(
+                    "handler failed",
+                    group=self.group,
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    attempt=prior + attempt,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if attempt < policy.attempts:
+                    self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
+                    await asyncio.sleep(policy.backoff_for(attempt))
+                continue
+            except BaseException as exc:
+                span.end(exc)
+                raise
+            span.end(None)
+            latency.observe(time.perf_counter() - start)
+            processed.inc()
+            return True
+        assert error is not None
+        attempts = prior + policy.attempts
+        if level < len(policy.topic_delays):
+            return await self._to_retry_topic(msg, state, sub, level + 1, error, attempts)
+        return await self._dead_letter(msg, state, sub, error, attempts, "exhausted")
+
+    def _moved_headers(
+        self, msg: Message, sub: Subscription, error: BaseException, attempts: int
+    ) -> dict[str, str | None]:
+        old = H.header_map(msg.headers())
+        first = H.ORIGINAL_TOPIC not in old
+        timestamp = _timestamp(msg)
+        return {
+            H.ORIGINAL_TOPIC: sub.topic if first else old[H.ORIGINAL_TOPIC],
+            H.ORIGINAL_PARTITION: str(msg.partition()) if first else old.get(H.ORIGINAL_PARTITION),
+            H.ORIGINAL_OFFSET: str(msg.offset()) if first else old.get(H.ORIGINAL_OFFSET),
+            H.ORIGINAL_TIMESTAMP: (str(timestamp) if timestamp is not None else None)
+            if first
+            else old.get(H.ORIGINAL_TIMESTAMP),
+            H.ATTEMPTS: str(attempts),
+            H.ERROR: str(error)[:1000],
+            H.ERROR_TYPE: f"{type(error).__module__}.{type(error).__qualname__}",
+            H.GROUP: self.group,
+            H.FAILED_AT: str(int(time.time() * 1000)),
+        }
+
+    async def _to_retry_topic(
+        self,
+        msg: Message,
+        state: PartitionState,
+        sub: Subscription,
+        level: int,
+        error: BaseException,
+        attempts: int,
+    ) -> bool:
+        delay = sub.retry.topic_delays[level - 1]
+        updates = self._moved_headers(msg, sub, error, attempts)
+        updates[H.RETRY_LEVEL] = str(level)
+        updates[H.NOT_BEFORE] = str(int(time.time() * 1000 + delay * 1000))
+        headers = H.replace_headers(msg.headers(), updates, drop=(H.DEAD_LETTER_REASON,))
+        target = retry_topic(sub.topic, level)
+        if not await self._move(msg, target, headers, state):
+            return False
+        self.metrics.retried.labels(self.group, sub.topic, "topic").inc()
+        log.info(
+            "message moved to retry topic",
+            group=self.group,
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+            retry_topic=target,
+            delay_s=delay,
+            attempts=attempts,
+        )
+        return True
+
+    async def _dead_letter(
+        self,
+        msg: Message,
+        state: PartitionState,
+        sub: Subscription,
+        error: BaseException,
+        attempts: int,
+        reason: str,
+    ) -> bool:
+        if not sub.retry.dead_letter:
+            log.error(
+                "message dropped (dead_letter disabled)",
+                group=self.group, topic=msg.topic(), partition=msg.partition(),
+                offset=msg.offset(), reason=reason, error=str(error),
+            )  # fmt: skip
+            self.metrics.dead_lettered.labels(self.group, sub.topic, reason).inc()
+            return True
+        updates = self._moved_headers(msg, sub, error, attempts)
+        updates[H.DEAD_LETTER_REASON] = reason
+        headers = H.replace_headers(msg.headers(), updates, drop=(H.RETRY_LEVEL, H.NOT_BEFORE))
+        target = dlq_topic(sub.topic)
+        if not await self._move(msg, target, headers, state):
+            return False
+        self.metrics.dead_lettered.labels(self.group, sub.topic, reason).inc()
+        log.error(
+            "message dead-lettered",
+            group=self.group,
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+            dlq=target,
+            reason=reason,
+            attempts=attempts,
+            error=f"{type(error).__name__}: {error}",
+        )
+        return True
+
+    async def _move(
+        self, msg: Message, target: str, headers: list[tuple[str, bytes]], state: PartitionState
+    ) -> bool:
+        """Publish a copy to ``target`` and wait for the broker; retry until it works or
+        the partition is gone (then the message is left for the next owner)."""
+        assert self._publisher is not None
+        delay = 0.1
+        while True:
+            try:
+                await self._publisher.produce_raw(
+                    target, msg.value(), key=msg.key(), headers=headers
+                )
+                return True
+            except MqError as exc:
+                self.last_error = f"moving a message to {target}: {exc}"
+                log.warning("moving a message failed, will retry", target=target, error=str(exc))
+            if self._stopping or state.revoked:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message (never ``None`` for one)."""
+    return cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
+
+
+def _not_before(msg: Message) -> float | None:
+    value = H.header_map(msg.headers()).get(H.NOT_BEFORE)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _timestamp(msg: Message) -> int | None:
+    kind, ts = msg.timestamp()
+    return ts if kind != 0 and ts >= 0 else None  # 0 = TIMESTAMP_NOT_AVAILABLE
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _names(partitions: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+class _QuietLogger:
+    """librdkafka's log lines at debug level (it is chatty about reconnects)."""
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        log.debug("librdkafka", message=fmt % args if args else fmt, level=level)
+
+
+_quiet_logger = _QuietLogger()

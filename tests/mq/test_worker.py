@@ -1,0 +1,126 @@
+"""Worker on a real broker: every message handled, per-key order, commits never pass
+an unfinished message, bounded concurrency, drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from typing import Any
+
+from kafka_broker import KafkaBroker
+from prometheus_client import CollectorRegistry
+from waiting import wait_until
+
+from meshkit.mq import MessageContext, Publisher, Subscription, Worker
+
+
+def _worker(broker: KafkaBroker, group: str, subs: list[Subscription], **kw: Any) -> Worker:
+    from kafka_broker import CLIENT_SETTINGS
+
+    kw.setdefault("metrics_registry", CollectorRegistry())
+    kw.setdefault("commit_interval", 0.2)
+    return Worker(group, subs, url=broker.url, config=CLIENT_SETTINGS, **kw)
+
+
+async def test_every_message_handled_in_key_order(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    n_keys, per_key = 12, 25
+    seen: dict[str, list[int]] = defaultdict(list)
+    running = 0
+    peak = 0
+
+    async def handle(msg: dict[str, Any], ctx: MessageContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(random.random() * 0.004)
+        seen[msg["k"]].append(msg["i"])
+        running -= 1
+
+    pub = Publisher(broker.url, metrics_registry=CollectorRegistry())
+    futures = []
+    for i in range(per_key):
+        for k in range(n_keys):
+            futures.append(pub.publish_nowait(topic, {"k": f"k{k}", "i": i}, key=f"k{k}"))
+    await asyncio.gather(*futures)
+
+    worker = _worker(broker, group, [Subscription(topic, handle)], concurrency=4)
+    await worker.start()
+    try:
+        await wait_until(
+            lambda: sum(map(len, seen.values())) >= n_keys * per_key, "all handled", limit=30
+        )
+    finally:
+        assert await worker.stop()
+        await pub.close()
+    assert {k: v for k, v in seen.items()} == {f"k{k}": list(range(per_key)) for k in range(n_keys)}
+    assert 1 <= peak <= 4
+    committed = broker.committed(group, topic, 3)
+    ends = defaultdict(int)
+    for m in broker.read_all(topic):
+        ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
+    assert committed == {p: ends[p] for p in range(3) if p in ends} | {
+        p: committed[p] for p in range(3) if p not in ends
+    }
+
+
+async def test_full_buffer_pauses_fetching_and_commits_stop_at_the_unfinished(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    """Bounded in flight (fetching pauses at max_buffered), and while one message hangs
+    the committed offset of its partition stays at it though every later one finished."""
+    release_all = asyncio.Event()
+    release_first = asyncio.Event()
+    handled: list[int] = []
+    peak = 0
+    worker: Worker | None = None
+
+    async def handle(msg: dict[str, int], ctx: MessageContext) -> None:
+        nonlocal peak
+        assert worker is not None
+        peak = max(peak, worker.in_flight)
+        await release_all.wait()
+        if msg["i"] == 0:
+            await release_first.wait()
+        handled.append(msg["i"])
+
+    # All on partition 0; key "stuck" for message 0, distinct keys for the rest.
+    pub = Publisher(broker.url, metrics_registry=CollectorRegistry())
+    first = await pub.publish(topic, {"i": 0}, key="stuck", partition=0)
+    await asyncio.gather(
+        *(pub.publish_nowait(topic, {"i": i}, key=f"k{i}", partition=0) for i in range(1, 60))
+    )
+    await pub.close()
+    reg = CollectorRegistry()
+    worker = _worker(
+        broker, group, [Subscription(topic, handle)], concurrency=4, max_buffered=10,
+        metrics_registry=reg,
+    )  # fmt: skip
+    lag = {"group": group, "topic": topic, "partition": "0"}
+    await worker.start()
+    try:
+        await wait_until(lambda: worker.info()["paused"], "paused at max_buffered", limit=30)
+        # The backlog shows as lag: nothing committed yet, 60 messages in the partition.
+        await wait_until(
+            lambda: reg.get_sample_value("meshkit_mq_consumer_lag", lag) == 60, "lag 60", limit=10
+        )
+        assert reg.get_sample_value("meshkit_mq_in_flight", {"group": group}) == 10
+        await asyncio.sleep(0.5)  # polling goes on while paused: nothing more comes in
+        assert worker.in_flight == 10 and handled == []
+        release_all.set()
+        await wait_until(lambda: len(handled) == 59, "all but the first handled", limit=30)
+        await asyncio.sleep(0.6)  # three commit intervals
+        assert broker.committed(group, topic, 1)[0] in (first.offset, -1001)
+        release_first.set()
+        await wait_until(lambda: len(handled) == 60, "the first handled", limit=30)
+        await wait_until(
+            lambda: reg.get_sample_value("meshkit_mq_consumer_lag", lag) == 0, "lag 0", limit=10
+        )
+    finally:
+        release_all.set()
+        release_first.set()
+        await worker.stop()
+    assert peak <= 10
+    assert broker.committed(group, topic, 1)[0] == first.offset + 60
