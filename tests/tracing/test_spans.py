@@ -26,7 +26,7 @@ from meshkit import Client, Service
 from meshkit.errors import ConfigError
 from meshkit.logs import configure_logging
 from meshkit.rpc.hedge import HedgePolicy
-from meshkit.tracing import add_trace_context
+from meshkit.tracing import add_trace_context, otel
 from meshkit.tracing.export import ExportQueue
 from meshkit.tracing.otel import OTelHook
 from meshkit.tracing.provider import TraceSettings, build_provider
@@ -308,6 +308,11 @@ async def test_hedges_are_child_spans_of_the_logical_call(
 async def test_a_bad_trace_setting_fails_service_start_but_never_a_call(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # As in a fresh process: no global provider yet (other tests may have installed one),
+    # nothing reported yet, and the hook's logger captured whatever logging config is in use.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(otel, "_warned", set())
+    caplog.set_level(logging.ERROR, logger="meshkit.tracing.otel")
     monkeypatch.setenv("MESHKIT_TRACES", "not-a-url")
     svc = Service("echo", echo_thrift.Echo, registry=None, metrics_registry=CollectorRegistry())
     svc.implement(EchoImpl())
