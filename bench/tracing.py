@@ -7,7 +7,8 @@
 1. RPC throughput of a meshkit echo Service called by a meshkit Client (each its own
    process, concurrency 16, 100 B) with tracing
    ``off`` (no ``MESHKIT_TRACES``), ``100pct`` (every span exported to the bundled
-   collector, itself a third process), ``1pct`` (head sampling 1 %, tail keeping on: the
+   collector, itself a third process), ``100pct_sink`` (the same, exported to a sink that
+   discards the requests: the services' own cost), ``1pct`` (head sampling 1 %, tail keeping on: the
    default) and ``1pct_notail`` (1 %, ``MESHKIT_TRACES_TAIL=0``). The modes run
    interleaved for ``--rounds`` rounds; the median per mode is reported, as ratios to
    ``off``. Exported and dropped span counts come from the processes' Prometheus
@@ -45,6 +46,9 @@ ECHO_THRIFT = BENCH_DIR / "echo.thrift"  # echo only, as bench/rpc.py uses
 MODES: dict[str, dict[str, str]] = {
     "off": {},
     "100pct": {"MESHKIT_TRACES_SAMPLE": "1"},
+    # every span exported to a sink that discards it: the services' own cost, without the
+    # collector's CPU (on this 2-core machine the collector competes with both processes)
+    "100pct_sink": {"MESHKIT_TRACES_SAMPLE": "1"},
     "1pct": {"MESHKIT_TRACES_SAMPLE": "0.01"},
     "1pct_notail": {"MESHKIT_TRACES_SAMPLE": "0.01", "MESHKIT_TRACES_TAIL": "0"},
 }
@@ -161,7 +165,9 @@ def run_server(port_file: str) -> None:
     _loop.run(main())
 
 
-def run_client(port: int, duration: float, warmup: float, concurrency: int) -> None:
+def run_client(
+    port: int, duration: float, warmup: float, concurrency: int, server_pid: int
+) -> None:
     import thriftpy2
     from prometheus_client import REGISTRY
 
@@ -185,13 +191,19 @@ def run_client(port: int, duration: float, warmup: float, concurrency: int) -> N
             stop_at = time.perf_counter() + warmup
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             count = 0
+            cpu0, server0 = time.process_time(), proc_cpu(server_pid)
             start = time.perf_counter()
             stop_at = start + duration
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - start
+            # CPU of both processes over the window (all threads: export threads included)
+            cpu1, server1 = time.process_time(), proc_cpu(server_pid)
         flush()
         return {
             "calls_per_s": count / elapsed,
+            "calls": count,
+            "client_cpu_s": cpu1 - cpu0,
+            "server_cpu_s": server1 - server0,
             "exported": REGISTRY.get_sample_value("meshkit_traces_spans_exported_total") or 0,
             "dropped": sum(
                 REGISTRY.get_sample_value("meshkit_traces_spans_dropped_total", {"reason": r}) or 0
@@ -202,14 +214,44 @@ def run_client(port: int, duration: float, warmup: float, concurrency: int) -> N
     print(json.dumps(_loop.run(main())), flush=True)
 
 
+def run_sink(port: int) -> None:
+    """An OTLP/HTTP endpoint that reads each request and answers 200 without decoding."""
+    from aiohttp import web
+
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def alive(request: web.Request) -> web.Response:
+        return web.Response(text="sink")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", accept)
+    app.router.add_get("/", alive)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
 # -- 1. RPC throughput ------------------------------------------------------------------
 
 
-def rpc_round(mode: str, collector: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rpc_round(
+    mode: str,
+    collector: str,
+    collector_pid: int,
+    sink: str,
+    tmp: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_TRACES")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if mode != "off":
-        env.update(MESHKIT_TRACES=collector, **MODES[mode])
+        env.update(MESHKIT_TRACES=sink if mode.endswith("_sink") else collector, **MODES[mode])
     port_file = tmp / f"port-{mode}"
     port_file.unlink(missing_ok=True)
     errors = open(tmp / f"server-{mode}.log", "wb")  # noqa: SIM115
@@ -225,14 +267,19 @@ def rpc_round(mode: str, collector: str, tmp: Path, args: argparse.Namespace) ->
                 raise RuntimeError(f"bench server ({mode}) did not start: {log_text}")
             time.sleep(0.05)
         port, health = port_file.read_text().split()
+        collector_cpu = proc_cpu(collector_pid) if mode == "100pct" else 0.0
         out = subprocess.run(
             [sys.executable, __file__, "_client", port, str(args.duration), str(args.warmup),
-             str(args.concurrency)],
+             str(args.concurrency), str(server.pid)],
             env=env, capture_output=True, text=True, timeout=args.duration + args.warmup + 60,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"bench client ({mode}) failed: {out.stderr[-500:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        if mode == "100pct":  # over the client's whole run: an upper bound per call
+            result["collector_cpu_s"] = proc_cpu(collector_pid) - collector_cpu
+        calls = result["calls"]
+        result["cpu_us_per_call"] = (result["client_cpu_s"] + result["server_cpu_s"]) / calls * 1e6
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics").read().decode()
         for line in metrics.splitlines():
             if line.startswith("meshkit_traces_spans_exported_total"):
@@ -247,14 +294,19 @@ def rpc_round(mode: str, collector: str, tmp: Path, args: argparse.Namespace) ->
 
 def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     collector, url = start_collector(tmp, "rpc")
+    sink_port = free_port()
+    sink = subprocess.Popen([sys.executable, __file__, "_sink", str(sink_port)])
+    sink_url = f"http://127.0.0.1:{sink_port}"
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     try:
+        wait_http(sink_url + "/", sink)
         for r in range(args.rounds):
             for mode in MODES:
-                result = rpc_round(mode, url, tmp, args)
+                result = rpc_round(mode, url, collector.pid, sink_url, tmp, args)
                 runs[mode].append(result)
                 log(
                     f"  round {r + 1} {mode:12s} {result['calls_per_s']:8.0f} calls/s  "
+                    f"{result['cpu_us_per_call']:6.0f} µs CPU/call  "
                     f"exported client {result['exported']:.0f} server "
                     f"{result.get('server_exported', 0):.0f}  dropped "
                     f"{result['dropped'] + result.get('server_dropped', 0):.0f}  "
@@ -263,8 +315,19 @@ def bench_rpc(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         stats = get_json(url + "/api/stats")
     finally:
         stop(collector)
+        stop(sink)
     medians = {m: statistics.median(r["calls_per_s"] for r in runs[m]) for m in MODES}
-    return {"medians": medians, "runs": runs, "collector_stats": stats}
+    cpu = {m: statistics.median(r["cpu_us_per_call"] for r in runs[m]) for m in MODES}
+    collector_cpu = statistics.median(
+        r["collector_cpu_s"] / r["calls"] * 1e6 for r in runs["100pct"]
+    )
+    return {
+        "medians": medians,
+        "cpu_us_per_call": cpu,
+        "collector_cpu_us_per_call": collector_cpu,
+        "runs": runs,
+        "collector_stats": stats,
+    }
 
 
 # -- 2. collector ingest ----------------------------------------------------------------
@@ -420,19 +483,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_server":
         run_server(argv[1])
         return 0
+    if argv and argv[0] == "_sink":
+        run_sink(int(argv[1]))
+        return 0
     if argv and argv[0] == "_client":
-        run_client(int(argv[1]), float(argv[2]), float(argv[3]), int(argv[4]))
+        run_client(int(argv[1]), float(argv[2]), float(argv[3]), int(argv[4]), int(argv[5]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter windows, fewer rounds")
     ap.add_argument("--duration", type=float, help="measured seconds per RPC run (3; quick 1.5)")
     ap.add_argument("--warmup", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, help="interleaved rounds of all modes (3; quick 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds of all modes (5; quick 2)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--ingest-batches", type=int, help="512-span batches (200; quick 100)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (1.5 if args.quick else 3.0)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     args.ingest_batches = args.ingest_batches or (100 if args.quick else 200)
 
     load_before = loadavg()
@@ -452,9 +518,17 @@ def main(argv: list[str] | None = None) -> int:
     med = rpc["medians"]
     off = med["off"]
     print()
-    print(f"{'mode':14s} {'calls/s':>9s} {'vs off':>7s}")
+    cpu = rpc["cpu_us_per_call"]
+    print(f"{'mode':14s} {'calls/s':>9s} {'vs off':>7s} {'CPU µs/call':>12s} {'off/mode':>9s}")
     for mode in MODES:
-        print(f"{mode:14s} {med[mode]:9.0f} {med[mode] / off:7.3f}")
+        print(
+            f"{mode:14s} {med[mode]:9.0f} {med[mode] / off:7.3f} {cpu[mode]:12.0f} "
+            f"{cpu['off'] / cpu[mode]:9.3f}"
+        )
+    print(
+        "(CPU µs/call: client + server processes, export threads included; the collector "
+        f"used {rpc['collector_cpu_us_per_call']:.0f} µs more per call at 100 %)"
+    )
     print(f"collector ingest   {ingest['spans_per_s']:9.0f} spans/s into SQLite")
     print(f"viewer 10k spans   {viewer['render_ms']:9.0f} ms to a drawn waterfall")
     print(f"load before {load_before}, after {load_after}")
@@ -462,7 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         "tracing_100pct_vs_off": round(med["100pct"] / off, 3),
         "tracing_1pct_vs_off": round(med["1pct"] / off, 3),
         "tracing_1pct_notail_vs_off": round(med["1pct_notail"] / off, 3),
+        "tracing_100pct_sink_vs_off": round(med["100pct_sink"] / off, 3),
         "rpc_calls_per_s": {m: round(v) for m, v in med.items()},
+        "rpc_cpu_us_per_call": {m: round(v, 1) for m, v in cpu.items()},
+        "tracing_100pct_cpu_efficiency": round(cpu["off"] / cpu["100pct"], 3),
+        "tracing_1pct_cpu_efficiency": round(cpu["off"] / cpu["1pct"], 3),
+        "collector_cpu_us_per_call_100pct": round(rpc["collector_cpu_us_per_call"], 1),
         "collector_spans_per_s": round(ingest["spans_per_s"]),
         "viewer_10k_render_ms": round(viewer["render_ms"], 1),
         "load_before": load_before,

@@ -41,6 +41,7 @@ from .settings import Settings, parse_tags
 from .tracing.logcontext import add_trace_context
 from .tracing.provider import flush as flush_traces
 from .tracing.provider import set_identity as tracing_identity
+from .tracing.provider import setup_tracing
 
 T = TypeVar("T")
 
@@ -225,6 +226,7 @@ class Service:
         self.settings = settings
         set_process_service(self.name)
         tracing_identity(service=self.name)  # tracing: names the spans' service
+        setup_tracing()  # tracing: MESHKIT_TRACES set → install the provider (bad value: fail now)
         self.state.set_phase(Phase.STARTING)
         advertise = settings.advertise_host or settings.host
         if advertise in ("0.0.0.0", "::", ""):

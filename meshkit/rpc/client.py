@@ -179,8 +179,8 @@ class RpcClient:
                         metrics_registry=metrics_registry,
                     )
                 )
-            middlewares.append(Pick(resolver, balancer, selectors=chosen, observers=watchers))
             middlewares.append(AttemptTracing(tracer))  # retries/hedges as child spans
+            middlewares.append(Pick(resolver, balancer, selectors=chosen, observers=watchers))
         protocol_id = ProtocolId.BINARY if protocol == "binary" else ProtocolId.COMPACT
         self.pipeline = Pipeline(
             middlewares, Transport(self.pool, self.specs, protocol_id), terminal_name="transport"

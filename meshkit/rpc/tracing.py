@@ -51,8 +51,9 @@ class Tracing:
 class AttemptTracing:
     """Run the hook's optional ``start_attempt`` around retries and hedges (attempt ≥ 1).
 
-    Placed after the pick stage; attempt 0 passes straight through (it travels on the
-    span opened by :class:`Tracing`), so the common call pays one await.
+    Placed just before the pick stage (each attempt picks anew). Attempt 0 passes straight
+    through (it travels on the span opened by :class:`Tracing`): the common call pays one
+    await.
     """
 
     name = "attempt-tracing"

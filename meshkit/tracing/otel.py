@@ -26,6 +26,7 @@ local service: the caller on the client, the callee on the server), ``net.peer.n
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -33,8 +34,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..errors import MeshkitError
+from ..errors import ConfigError, MeshkitError
 from . import provider as _provider
+from . import w3c
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 _CLIENT = SpanKind.CLIENT
 _SERVER = SpanKind.SERVER
@@ -63,13 +68,28 @@ class OTelHook:
         self._recording_cached = False
         self._tracer_obj: trace.Tracer | None = None
         self._tracer_from: object = None
+        self._recorder: Any = None
 
     def _tracer(self) -> trace.Tracer:
         provider = self._provider or trace.get_tracer_provider()
         if provider is not self._tracer_from or self._tracer_obj is None:
             self._tracer_obj = trace.get_tracer("meshkit", tracer_provider=provider)
+            self._recorder = None
+            if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+                from .fastspan import recorder_for  # imports the SDK: only when one is in use
+
+                self._recorder = recorder_for(provider)
             self._tracer_from = provider
         return self._tracer_obj
+
+    def _start(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any], context: Any = None
+    ) -> Any:
+        tracer = self._tracer()
+        recorder = self._recorder
+        if recorder is not None:
+            return recorder.start(name, kind, attributes, context)
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
     def _recording(self) -> bool:
         now = time.monotonic()
@@ -78,7 +98,16 @@ class OTelHook:
         provider = self._provider or trace.get_tracer_provider()
         if self._provider is None and isinstance(provider, trace.ProxyTracerProvider):
             # Tracing configured by MESHKIT_TRACES but nobody installed a provider yet.
-            provider = _provider.setup_tracing() or trace.get_tracer_provider()
+            try:
+                provider = _provider.setup_tracing() or trace.get_tracer_provider()
+            except ConfigError as exc:
+                # A bad MESHKIT_TRACES* must not fail every call: say it once, do not trace.
+                if str(exc) not in _warned:  # once per process and message
+                    _warned.add(str(exc))
+                    log.error("tracing disabled: %s", exc)
+                self._recording_cached = False
+                self._recording_until = now + 3600
+                return False
         recording = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
         self._recording_cached = recording
         self._recording_until = now + self.recheck_after
@@ -101,11 +130,9 @@ class OTelHook:
             attributes["meshkit.service"] = ctx.caller
         if ctx.deadline is not None:
             attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
-        span = self._tracer().start_span(
-            f"{ctx.service}/{ctx.method}", kind=_CLIENT, attributes=attributes
-        )
+        span = self._start(f"{ctx.service}/{ctx.method}", _CLIENT, attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
-        propagate.inject(ctx.headers)
+        w3c.inject(ctx.headers, span.get_span_context())
         return span, token
 
     def start_attempt(self, ctx: Any) -> Any:
@@ -128,13 +155,13 @@ class OTelHook:
             attributes["meshkit.service"] = ctx.caller
         if ctx.deadline is not None:
             attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
-        span = self._tracer().start_span(
+        span = self._start(
             f"{ctx.service}/{ctx.method} {kind} {ctx.attempt}",
-            context=trace.set_span_in_context(parent),
-            kind=_CLIENT,
-            attributes=attributes,
+            _CLIENT,
+            attributes,
+            trace.set_span_in_context(parent),
         )
-        propagate.inject(ctx.headers, context=trace.set_span_in_context(span))
+        w3c.inject(ctx.headers, span.get_span_context())
         return span, None
 
     # -- server ---------------------------------------------------------------------
@@ -143,8 +170,8 @@ class OTelHook:
         if not self._recording():
             if "traceparent" not in ctx.headers:
                 return None
-            return None, otel_context.attach(propagate.extract(ctx.headers))
-        parent = propagate.extract(ctx.headers)
+            return None, otel_context.attach(w3c.extract(ctx.headers))
+        parent = w3c.extract(ctx.headers)
         attributes: dict[str, Any] = {
             "rpc.system": "thrift",
             "rpc.service": ctx.service,
@@ -159,9 +186,7 @@ class OTelHook:
             attributes["meshkit.instance"] = instance
         if ctx.deadline is not None:
             attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
-        span = self._tracer().start_span(
-            f"{ctx.service}/{ctx.method}", context=parent, kind=_SERVER, attributes=attributes
-        )
+        span = self._start(f"{ctx.service}/{ctx.method}", _SERVER, attributes, parent)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
 

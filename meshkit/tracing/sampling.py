@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanKind, get_current_span
 from opentelemetry.util.types import Attributes
 
-__all__ = ["RecordOnly", "TailBiasedRatio", "make_sampler"]
+__all__ = ["MeshkitSampler", "RecordOnly", "TailBiasedRatio", "make_sampler"]
 
 
 def _parent_trace_state(parent_context: Context | None):  # type: ignore[no-untyped-def]
@@ -83,17 +83,25 @@ class TailBiasedRatio(Sampler):
         return f"TailBiasedRatio{{{self.ratio}}}"
 
 
-def make_sampler(ratio: float = 1.0, *, tail: bool = True) -> Sampler:
+class MeshkitSampler(ParentBased):
+    """The sampler :func:`make_sampler` builds; ``ratio`` and ``tail`` say what it does, so
+    meshkit's span recorder can decide for a span with a parent without calling it."""
+
+    def __init__(self, ratio: float, tail: bool) -> None:
+        self.ratio = ratio
+        self.tail = tail
+        not_sampled: Sampler = RecordOnly() if tail else ALWAYS_OFF
+        super().__init__(
+            TailBiasedRatio(ratio) if tail else TraceIdRatioBased(ratio),
+            remote_parent_sampled=ALWAYS_ON,
+            remote_parent_not_sampled=not_sampled,
+            local_parent_sampled=ALWAYS_ON,
+            local_parent_not_sampled=not_sampled,
+        )
+
+
+def make_sampler(ratio: float = 1.0, *, tail: bool = True) -> MeshkitSampler:
     """Parent-based sampling with ``ratio`` at the root; see the module doc for ``tail``."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"expected a sampling ratio between 0 and 1, found {ratio}")
-    if not tail:
-        return ParentBased(TraceIdRatioBased(ratio))
-    not_sampled = RecordOnly()
-    return ParentBased(
-        TailBiasedRatio(ratio),
-        remote_parent_sampled=ALWAYS_ON,
-        remote_parent_not_sampled=not_sampled,
-        local_parent_sampled=ALWAYS_ON,
-        local_parent_not_sampled=not_sampled if tail else ALWAYS_OFF,
-    )
+    return MeshkitSampler(ratio, tail)

@@ -275,7 +275,7 @@ async def test_metrics_and_pipeline_description(
         metrics_registry=metrics_registry,
     ) as client:
         assert client.pipeline.describe() == (
-            "deadline → tracing → metrics → accesslog → retry → pick → attempt-tracing → transport"
+            "deadline → tracing → metrics → accesslog → retry → attempt-tracing → pick → transport"
         )
         await client.echo("x")
         with pytest.raises(echo_thrift.EchoError):

@@ -258,3 +258,28 @@ def test_critical_path_and_self_time_edge_cases() -> None:
     spans = [span("x", "missing", 0, 5), span("y", "", 0, 50)]
     assert critical_path(spans) == ["y"]
     assert critical_path([]) == []
+
+
+async def test_mq_producer_and_consumer_traces_are_linked(collector: Collector) -> None:
+    now = time.time_ns()
+    producer = otlp_json_span(
+        TRACE_A, "00000000000000a1", "", "orders publish", now, 1000, kind=4,
+        attrs={"messaging.destination.name": "orders"},
+    )  # fmt: skip
+    consumer = otlp_json_span(
+        TRACE_B, "00000000000000b1", "", "orders process", now + 5000, 2000, kind=5,
+        links=[{"trace_id": TRACE_A, "span_id": "00000000000000a1"}],
+    )  # fmt: skip
+    await post_json(collector.url + "/v1/traces", otlp_json_request("shop", [producer]))
+    await post_json(collector.url + "/v1/traces", otlp_json_request("worker", [consumer]))
+    await flushed(collector)
+    _, produced = await get_trace(collector.url, TRACE_A)
+    assert produced["linked_from"] == [
+        {"trace_id": TRACE_B, "span_id": "00000000000000b1", "linked_span_id": "00000000000000a1"}
+    ]
+    _, consumed = await get_trace(collector.url, TRACE_B)
+    (span,) = consumed["spans"]
+    assert span["kind"] == "CONSUMER"
+    assert span["links"] == [{"trace_id": TRACE_A, "span_id": "00000000000000a1", "attrs": {}}]
+    _, deps = await get_json(collector.url + "/api/dependencies?window_s=600")
+    assert [(e["caller"], e["callee"]) for e in deps["edges"]] == [("shop", "orders")]

@@ -26,7 +26,7 @@ from meshkit import Client, Service
 from meshkit.errors import ConfigError
 from meshkit.logs import configure_logging
 from meshkit.rpc.hedge import HedgePolicy
-from meshkit.tracing import add_trace_context
+from meshkit.tracing import add_trace_context, otel
 from meshkit.tracing.export import ExportQueue
 from meshkit.tracing.otel import OTelHook
 from meshkit.tracing.provider import TraceSettings, build_provider
@@ -303,3 +303,36 @@ async def test_hedges_are_child_spans_of_the_logical_call(
     assert call.attributes["meshkit.hedge_winner"] == 1
     servers = [s for s in spans if s.kind.name == "SERVER"]
     assert {s.parent.span_id for s in servers} == {call.context.span_id, hedge.context.span_id}
+
+
+async def test_a_bad_trace_setting_fails_service_start_but_never_a_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As in a fresh process: no global provider yet (other tests may have installed one),
+    # nothing reported yet, and the hook's logger captured whatever logging config is in use.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(otel, "_warned", set())
+    caplog.set_level(logging.ERROR, logger="meshkit.tracing.otel")
+    monkeypatch.setenv("MESHKIT_TRACES", "not-a-url")
+    svc = Service("echo", echo_thrift.Echo, registry=None, metrics_registry=CollectorRegistry())
+    svc.implement(EchoImpl())
+    with pytest.raises(ConfigError, match="MESHKIT_TRACES"):
+        await svc.start(port=0, health_port=0)
+    # a plain client (no Service) keeps calling, untraced, and says why once
+    monkeypatch.delenv("MESHKIT_TRACES")
+    server = Service("echo", echo_thrift.Echo, registry=None, metrics_registry=CollectorRegistry())
+    server.implement(EchoImpl())
+    await server.start(port=0, health_port=0)
+    monkeypatch.setenv("MESHKIT_TRACES", "not-a-url")
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{server.port}",
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            assert [await client.echo(str(i)) for i in range(3)] == ["0", "1", "2"]
+    finally:
+        await server.stop(drain_timeout=1.0)
+    errors = [r for r in caplog.records if "tracing disabled" in r.getMessage()]
+    assert len(errors) == 1 and "MESHKIT_TRACES" in errors[0].getMessage()

@@ -140,7 +140,22 @@ def _pb_value(value: Any) -> Any:
 
 
 def _pb_attrs(attributes: Iterable[Any]) -> dict[str, Any]:
-    return {kv.key: _pb_value(kv.value) for kv in attributes}
+    out: dict[str, Any] = {}
+    for kv in attributes:
+        value = kv.value
+        which = value.WhichOneof("value")
+        # the common scalar kinds inline (this loop is most of the decoding time)
+        if which == "string_value":
+            out[kv.key] = value.string_value
+        elif which == "int_value":
+            out[kv.key] = value.int_value
+        elif which == "double_value":
+            out[kv.key] = value.double_value
+        elif which == "bool_value":
+            out[kv.key] = value.bool_value
+        else:
+            out[kv.key] = _pb_value(value)
+    return out
 
 
 def decode_protobuf(body: bytes) -> Decoded:

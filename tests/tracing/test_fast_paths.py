@@ -1,0 +1,112 @@
+"""meshkit's hot-path span recorder and W3C codec behave like the SDK and the propagators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from echo_support import EchoImpl, echo_thrift
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.context import attach, detach
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from prometheus_client import CollectorRegistry
+
+from meshkit import Client, Service
+from meshkit.tracing import w3c
+from meshkit.tracing.otel import OTelHook
+from meshkit.tracing.provider import TraceSettings, build_provider
+
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+SPAN_ID = 0x00F067AA0BA902B7
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+@pytest.mark.parametrize("state", ["", "vendor=abc,other=1"])
+@pytest.mark.parametrize("bag", [{}, {"user": "u-42"}])
+def test_w3c_codec_matches_the_default_propagators(
+    flags: int, state: str, bag: dict[str, str]
+) -> None:
+    span_context = SpanContext(
+        TRACE_ID,
+        SPAN_ID,
+        is_remote=False,
+        trace_flags=TraceFlags(flags),
+        trace_state=TraceState.from_header([state]) if state else TraceState(),
+    )
+    context = trace.set_span_in_context(NonRecordingSpan(span_context))
+    for key, value in bag.items():
+        context = baggage.set_baggage(key, value, context=context)
+    token = attach(context)
+    try:
+        ours: dict[str, str] = {}
+        w3c.inject(ours, span_context)
+        theirs: dict[str, str] = {}
+        propagate.inject(theirs)
+    finally:
+        detach(token)
+    assert ours == theirs
+    ours_ctx, theirs_ctx = w3c.extract(ours), propagate.extract(theirs)
+    assert (
+        trace.get_current_span(ours_ctx).get_span_context()
+        == trace.get_current_span(theirs_ctx).get_span_context()
+    )
+    assert baggage.get_all(ours_ctx) == baggage.get_all(theirs_ctx)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # invalid version
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # future version
+        "garbage",
+    ],
+)
+def test_unusual_traceparents_are_read_as_the_specification_says(header: str) -> None:
+    ours = trace.get_current_span(w3c.extract({"traceparent": header})).get_span_context()
+    theirs = trace.get_current_span(propagate.extract({"traceparent": header}))
+    assert ours == theirs.get_span_context()
+
+
+class Tagging(EchoImpl):
+    async def echo(self, message: str) -> str:
+        span = trace.get_current_span()
+        span.set_attribute("user.id", 42)
+        span.add_event("looked up", {"cache": "hit"})
+        return message
+
+
+async def test_handlers_can_annotate_the_server_span() -> None:
+    exporter = InMemorySpanExporter()
+    provider = build_provider(
+        TraceSettings(), exporter=exporter, metrics_registry=CollectorRegistry()
+    )
+    hook = OTelHook(tracer_provider=provider)
+    svc = Service(
+        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
+    )
+    svc.implement(Tagging())
+    await svc.start(port=0, health_port=0)
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{svc.port}",
+            tracer=hook,
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            await client.echo("x")
+    finally:
+        await svc.stop(drain_timeout=1.0)
+    provider.force_flush()
+    spans: list[Any] = list(exporter.get_finished_spans())
+    (server,) = [s for s in spans if s.kind.name == "SERVER"]
+    (client_span,) = [s for s in spans if s.kind.name == "CLIENT"]
+    assert server.attributes["user.id"] == 42
+    assert [e.name for e in server.events] == ["looked up"]
+    assert server.parent.span_id == client_span.context.span_id
+    assert server.resource is provider.resource
+    assert server.instrumentation_scope.name == "meshkit"
+    provider.shutdown()
