@@ -51,7 +51,7 @@ from .offsets import PartitionState
 from .producer import Publisher
 from .retry import dlq_topic, retry_topic
 from .subscription import Subscription
-from .tracing import ConsumerSpan
+from .tracing import ConsumerSpan, recording
 from .url import bootstrap_servers
 
 __all__ = ["DEFAULT_CONSUMER_CONFIG", "Worker", "ensure_topics"]
@@ -388,6 +388,10 @@ class Worker:
                     )
                 if messages:
                     self._dispatch(messages)
+                    # Let the runners take the batch before the next consume(): handlers
+                    # that never suspend finish it in this turn, so the consumer thread
+                    # then runs while the loop is idle instead of fighting it for the GIL.
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep consuming: a broker hiccup must not kill the worker
@@ -406,7 +410,8 @@ class Worker:
                     self.last_error = err.str()
                     log.warning("consumer error", group=self.group, error=err.str())
                 continue
-            topic, partition, offset = _where(msg)
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
             key = (topic, partition)
             if key in held_keys:
                 continue
@@ -424,7 +429,7 @@ class Worker:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = PartitionState(topic, partition)
-            state.add(offset)
+            state.add(msg.offset())  # type: ignore[arg-type]
             self.in_flight += 1
             self._work.add(msg.key(), (msg, state))
         self._in_flight_gauge.set(self.in_flight)
@@ -660,7 +665,7 @@ class Worker:
                 msg, state = item
             try:
                 if not state.revoked and await self._handle(msg, state):
-                    state.finish(_where(msg)[2])
+                    state.finish(msg.offset())  # type: ignore[arg-type]
             finally:
                 if key is not None:
                     if queue:
@@ -687,7 +692,9 @@ class Worker:
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
         """Run the handler with retries; ``True`` when the message is done with."""
-        topic, partition, offset = _where(msg)
+        topic: str = msg.topic()  # type: ignore[assignment]
+        partition: int = msg.partition()  # type: ignore[assignment]
+        offset: int = msg.offset()  # type: ignore[assignment]
         sub, level = self._routes[topic]
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
@@ -707,20 +714,28 @@ class Worker:
         for attempt in range(1, policy.attempts + 1):
             if state.revoked:
                 return False
-            ctx = MessageContext(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                key=msg.key(),
-                headers=text_headers,
-                timestamp=_timestamp(msg),
-                group=self.group,
-                original_topic=sub.topic,
-                attempt=prior + attempt,
-                retry_level=level,
-                raw=msg.value(),
+            ctx = (
+                MessageContext(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    key=msg.key(),
+                    headers=text_headers,
+                    timestamp=_timestamp(msg),
+                    group=self.group,
+                    original_topic=sub.topic,
+                    attempt=prior + attempt,
+                    retry_level=level,
+                    raw=msg.value(),
+                )
+                if sub.wants_context
+                else None
             )
-            span = ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
+            span = (
+                ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
+                if raw_headers or recording()
+                else _NO_SPAN
+            )
             start = time.perf_counter()
             try:
                 if sub.is_async:
@@ -875,6 +890,18 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class _NoSpan:
+    """Stands in for a ConsumerSpan when there is nothing to trace (no SDK, no context)."""
+
+    __slots__ = ()
+
+    def end(self, error: BaseException | None) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
 
 
 def _where(msg: Message) -> tuple[str, int, int]:
