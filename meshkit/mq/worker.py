@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -746,7 +747,9 @@ class Worker:
                 else:
                     assert self._loop is not None
                     args = (value, ctx) if sub.wants_context else (value,)
-                    await self._loop.run_in_executor(None, sub.handler, *args)
+                    # In the handler's thread too, the consumer span is current.
+                    context = contextvars.copy_context()
+                    await self._loop.run_in_executor(None, context.run, sub.handler, *args)
             except DeadLetter as exc:
                 span.end(exc)
                 latency.observe(time.perf_counter() - start)
