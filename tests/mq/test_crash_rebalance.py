@@ -164,3 +164,59 @@ async def test_second_worker_joins_and_leaves_under_load(broker: KafkaBroker) ->
         f"rebalance test: {n} messages, by worker {dict(by_worker)}, "
         f"{sum(c - 1 for c in ids.values())} handled twice, same key concurrently: {len(overlap)}"
     )
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_and_commits_so_a_restart_handles_nothing_twice(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """``meshkit run`` of a workers-only Service: SIGTERM mid-stream finishes what was
+    fetched, commits it, exits 0; the next process starts exactly where it stopped."""
+    n, keys = 1500, 20
+    topic = broker.create_topic(fresh("term"), 3)
+    group = fresh("g")
+    await asyncio.to_thread(_produce_ordered, broker, topic, n, keys)
+    out = tmp_path / "handled.txt"
+    env = {
+        **os.environ,
+        "MESHKIT_MQ": broker.url,
+        "MESHKIT_HEALTH_PORT": "0",
+        "MESHKIT_DRAIN_TIMEOUT": "20",
+        "MESHKIT_LOG_LEVEL": "WARNING",
+        "MQ_TEST_TOPIC": topic,
+        "MQ_TEST_GROUP": group,
+        "MQ_TEST_OUT": str(out),
+        "PYTHONPATH": str(HERE.parents[1]),
+    }
+
+    def run() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshkit", "run", str(HERE / "billing_app.py") + ":svc"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "stderr.txt", "ab"),
+        )
+
+    first = run()
+    try:
+        await wait_until(lambda: len(_lines(out)) >= 300, "first process under way", limit=60)
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 30) == 0
+        handled_first = len(_lines(out))
+        assert handled_first < n, "the first process finished before SIGTERM: proves nothing"
+        second = run()
+        try:
+            await wait_until(lambda: len(_lines(out)) >= n, "every message handled", limit=90)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        for proc in (first,):
+            if proc.poll() is None:
+                proc.kill()
+    ids = Counter(e[0] for e in _lines(out))
+    assert set(ids) == set(range(n))
+    twice = [i for i, c in ids.items() if c > 1]
+    assert twice == [], f"{len(twice)} handled twice after a clean drain: {twice[:10]}"
+    order = _first_occurrences_in_order(_lines(out))
+    assert all(seqs == sorted(seqs) for seqs in order.values())
