@@ -160,6 +160,8 @@ class Publisher:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
         await asyncio.sleep(0)  # let reports from the thread's last poll() resolve
+        self._drain_reports()
+        self._producer = None  # the librdkafka handle goes with it (no reconnect attempts)
         if left:
             log.warning("publisher closed with undelivered messages", undelivered=left)
             for future in list(self._waiting):
