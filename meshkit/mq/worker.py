@@ -552,6 +552,12 @@ class Worker:
         self._assigned -= keys
         for key in keys:
             self._held.pop(key, None)
+        # librdkafka keeps an application pause across assignments: a partition paused
+        # now (full buffer, a retry not yet due) would come back paused and never flow.
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            log.debug("resume on revoke failed", group=self.group, error=str(exc))
         self.metrics.rebalances.labels(self.group, "revoke" if commit else "lost").inc()
         assert self._loop is not None
         timeout = 0.0 if self._stopping else self.drain_timeout
