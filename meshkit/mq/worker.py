@@ -402,7 +402,6 @@ class Worker:
 
     def _dispatch(self, messages: list[Message]) -> None:
         held_now: list[tuple[Message, float]] = []
-        held_keys: set[_TPKey] = set()
         now_ms = time.time() * 1000
         for msg in messages:
             err = msg.error()
@@ -414,8 +413,8 @@ class Worker:
             topic: str = msg.topic()  # type: ignore[assignment]
             partition: int = msg.partition()  # type: ignore[assignment]
             key = (topic, partition)
-            if key in held_keys:
-                continue
+            if key in self._held:
+                continue  # waits for a retry that is not due: read again after the seek
             if key not in self._assigned:
                 continue  # fetched just before a revoke; the new owner reads it again
             route = self._routes.get(topic)
@@ -424,7 +423,7 @@ class Worker:
             if route[1] > 0:
                 due = _not_before(msg)
                 if due is not None and due > now_ms:
-                    held_keys.add(key)
+                    self._held[key] = due  # at once, so no later batch slips past it
                     held_now.append((msg, due))
                     continue
             state = self._states.get(key)
@@ -459,7 +458,6 @@ class Worker:
         for msg, due in held:
             topic, partition, _ = _where(msg)
             key = (topic, partition)
-            self._held[key] = due
             self._loop.call_later(max(0.0, (due - now_ms) / 1000), self._release, key, due)
 
     def _release(self, key: _TPKey, due: float) -> None:
