@@ -209,6 +209,10 @@ class Demo:
             self.report(stats, served)
             if stats.errors:
                 code = 1
+            # -- Kafka workers (meshkit/mq/demo.py): a round on a running broker, or how to
+            # start one. Needs the kafka extra (confluent-kafka).
+            if not await self.kafka_round():
+                code = 1
             if self.keep_running:
                 await self.hold()
         except DemoError as exc:
@@ -511,6 +515,15 @@ class Demo:
             """'{"rules": []}'   # no canary traffic, live"""
         )
         say("")
+
+    async def kafka_round(self) -> bool:
+        try:
+            from .mq.demo import demo_round
+        except ImportError:
+            self.say("kafka: Kafka workers need confluent-kafka: pip install 'meshkit[kafka]'")
+            self.say("")
+            return True
+        return await demo_round(self.say)
 
     async def hold(self) -> None:
         """Keep the services up until Ctrl-C (a normal end: exit 0) or one of them exits."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageContext:
     """Where a message came from and how often it was tried.
 
@@ -13,7 +13,7 @@ class MessageContext:
     retried message); ``original_topic`` is the topic it was first published to.
     ``attempt`` counts handler attempts over every hop, starting at 1. ``headers`` are the
     message headers as text (last value wins). ``timestamp`` is the broker timestamp in
-    milliseconds (``None`` when the broker gave none).
+    milliseconds (``None`` when the broker gave none). Treat it as read-only.
     """
 
     topic: str

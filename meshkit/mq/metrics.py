@@ -5,6 +5,9 @@ Consumer lag per partition is what the platform scales workers on.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .._metrics import PerRegistry
@@ -91,3 +94,6 @@ class ProducerMetrics(PerRegistry):
             "Messages waiting in producer buffers for a delivery report",
             registry=registry,
         )
+        # Read at scrape time: no lock round trip per published message.
+        self.publishers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.buffered.set_function(lambda: sum(p.pending for p in list(self.publishers)))

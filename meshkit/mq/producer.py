@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,6 +28,8 @@ from .tracing import end_producer_span, start_producer_span
 from .url import bootstrap_servers
 
 __all__ = ["Delivery", "Publisher"]
+
+_Report = tuple["asyncio.Future[Delivery]", "KafkaError | None", "Message", Any]
 
 log = structlog.get_logger("meshkit.mq.producer")
 
@@ -100,6 +103,7 @@ class Publisher:
             log.warning("publisher idempotence disabled by configuration")
         self.flush_timeout = flush_timeout
         self.metrics = ProducerMetrics.get(metrics_registry)
+        self.metrics.publishers.add(self)
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -107,7 +111,11 @@ class Publisher:
         self._pending = 0
         self._idle = asyncio.Event()
         self._waiting: set[asyncio.Future[Delivery]] = set()
-        self._reports: list[tuple[asyncio.Future[Delivery], KafkaError | None, Message, Any]] = []
+        # Delivery reports: appended by whichever thread ran poll(), taken on the loop.
+        self._reports: deque[_Report] = deque()
+        self._resolve_scheduled = False
+        self._produced = 0
+        self._counters: dict[tuple[str, str], Any] = {}
         self._closed = False
         self._start_lock = threading.Lock()
 
@@ -152,6 +160,8 @@ class Publisher:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
         await asyncio.sleep(0)  # let reports from the thread's last poll() resolve
+        self._drain_reports()
+        self._producer = None  # the librdkafka handle goes with it (no reconnect attempts)
         if left:
             log.warning("publisher closed with undelivered messages", undelivered=left)
             for future in list(self._waiting):
@@ -234,8 +244,10 @@ class Publisher:
         if partition is not None:
             kwargs["partition"] = partition
 
+        reports = self._reports
+
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            self._reports.append((future, err, msg, span))
+            reports.append((future, err, msg, span))
 
         try:
             self._producer.produce(
@@ -262,50 +274,69 @@ class Publisher:
             raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
         self._pending += 1
         self._waiting.add(future)
-        self.metrics.buffered.inc()
+        self._produced += 1
+        if self._produced % 256 == 0:
+            # Serve delivery reports here now and then: while the loop publishes in a
+            # tight loop, the poll thread would wait for the GIL on every callback.
+            self._producer.poll(0)
+            self._drain_reports()
         return future
 
     # -- delivery reports (poll thread → loop) --------------------------------------------
 
     def _poll_forever(self) -> None:
-        # The only thread that calls poll(): delivery callbacks run here and nowhere else.
         producer = self._producer
         assert producer is not None and self._loop is not None
         loop = self._loop
         while True:
             closing = self._closing.is_set()
             producer.poll(0 if closing else 0.05)
-            if self._reports:
-                reports, self._reports = self._reports, []
+            if self._reports and not self._resolve_scheduled:
+                self._resolve_scheduled = True
                 try:
-                    loop.call_soon_threadsafe(self._resolve, reports)
+                    loop.call_soon_threadsafe(self._drain_reports)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     return
             if closing:
                 return
 
-    def _resolve(
-        self, reports: list[tuple[asyncio.Future[Delivery], KafkaError | None, Message, Any]]
-    ) -> None:
-        metrics = self.metrics
+    def _drain_reports(self) -> None:
+        self._resolve_scheduled = False
+        reports = self._reports
+        batch = []
+        while reports:
+            batch.append(reports.popleft())
+        if batch:
+            self._resolve(batch)
+
+    def _counter(self, topic: str, outcome: str) -> Any:
+        counter = self._counters.get((topic, outcome))
+        if counter is None:
+            counter = self._counters[(topic, outcome)] = self.metrics.published.labels(
+                topic, outcome
+            )
+        return counter
+
+    def _resolve(self, reports: list[_Report]) -> None:
         self._pending -= len(reports)
-        metrics.buffered.dec(len(reports))
         if self._pending == 0:
             self._idle.set()
+        waiting = self._waiting
         for future, err, msg, span in reports:
-            self._waiting.discard(future)
+            waiting.discard(future)
             topic = msg.topic() or "?"
             if err is not None:
-                metrics.published.labels(topic, "error").inc()
+                self._counter(topic, "error").inc()
                 end_producer_span(span, None, None, err.str())
                 if not future.done():
                     future.set_exception(
                         PublishError(f"broker did not take a message for {topic!r}: {err.str()}")
                     )
                 continue
-            metrics.published.labels(topic, "ok").inc()
+            self._counter(topic, "ok").inc()
             partition, offset = msg.partition(), msg.offset()
-            end_producer_span(span, partition, offset, None)
+            if span is not None:
+                end_producer_span(span, partition, offset, None)
             if not future.done():
                 future.set_result(Delivery(topic, partition or 0, offset or 0))
 

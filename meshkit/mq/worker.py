@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,7 +52,7 @@ from .offsets import PartitionState
 from .producer import Publisher
 from .retry import dlq_topic, retry_topic
 from .subscription import Subscription
-from .tracing import ConsumerSpan
+from .tracing import ConsumerSpan, recording
 from .url import bootstrap_servers
 
 __all__ = ["DEFAULT_CONSUMER_CONFIG", "Worker", "ensure_topics"]
@@ -388,6 +389,10 @@ class Worker:
                     )
                 if messages:
                     self._dispatch(messages)
+                    # Let the runners take the batch before the next consume(): handlers
+                    # that never suspend finish it in this turn, so the consumer thread
+                    # then runs while the loop is idle instead of fighting it for the GIL.
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep consuming: a broker hiccup must not kill the worker
@@ -397,7 +402,6 @@ class Worker:
 
     def _dispatch(self, messages: list[Message]) -> None:
         held_now: list[tuple[Message, float]] = []
-        held_keys: set[_TPKey] = set()
         now_ms = time.time() * 1000
         for msg in messages:
             err = msg.error()
@@ -406,10 +410,11 @@ class Worker:
                     self.last_error = err.str()
                     log.warning("consumer error", group=self.group, error=err.str())
                 continue
-            topic, partition, offset = _where(msg)
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
             key = (topic, partition)
-            if key in held_keys:
-                continue
+            if key in self._held:
+                continue  # waits for a retry that is not due: read again after the seek
             if key not in self._assigned:
                 continue  # fetched just before a revoke; the new owner reads it again
             route = self._routes.get(topic)
@@ -418,13 +423,13 @@ class Worker:
             if route[1] > 0:
                 due = _not_before(msg)
                 if due is not None and due > now_ms:
-                    held_keys.add(key)
+                    self._held[key] = due  # at once, so no later batch slips past it
                     held_now.append((msg, due))
                     continue
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = PartitionState(topic, partition)
-            state.add(offset)
+            state.add(msg.offset())  # type: ignore[arg-type]
             self.in_flight += 1
             self._work.add(msg.key(), (msg, state))
         self._in_flight_gauge.set(self.in_flight)
@@ -453,7 +458,6 @@ class Worker:
         for msg, due in held:
             topic, partition, _ = _where(msg)
             key = (topic, partition)
-            self._held[key] = due
             self._loop.call_later(max(0.0, (due - now_ms) / 1000), self._release, key, due)
 
     def _release(self, key: _TPKey, due: float) -> None:
@@ -546,6 +550,12 @@ class Worker:
         self._assigned -= keys
         for key in keys:
             self._held.pop(key, None)
+        # librdkafka keeps an application pause across assignments: a partition paused
+        # now (full buffer, a retry not yet due) would come back paused and never flow.
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            log.debug("resume on revoke failed", group=self.group, error=str(exc))
         self.metrics.rebalances.labels(self.group, "revoke" if commit else "lost").inc()
         assert self._loop is not None
         timeout = 0.0 if self._stopping else self.drain_timeout
@@ -660,7 +670,7 @@ class Worker:
                 msg, state = item
             try:
                 if not state.revoked and await self._handle(msg, state):
-                    state.finish(_where(msg)[2])
+                    state.finish(msg.offset())  # type: ignore[arg-type]
             finally:
                 if key is not None:
                     if queue:
@@ -687,7 +697,9 @@ class Worker:
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
         """Run the handler with retries; ``True`` when the message is done with."""
-        topic, partition, offset = _where(msg)
+        topic: str = msg.topic()  # type: ignore[assignment]
+        partition: int = msg.partition()  # type: ignore[assignment]
+        offset: int = msg.offset()  # type: ignore[assignment]
         sub, level = self._routes[topic]
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
@@ -707,20 +719,28 @@ class Worker:
         for attempt in range(1, policy.attempts + 1):
             if state.revoked:
                 return False
-            ctx = MessageContext(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                key=msg.key(),
-                headers=text_headers,
-                timestamp=_timestamp(msg),
-                group=self.group,
-                original_topic=sub.topic,
-                attempt=prior + attempt,
-                retry_level=level,
-                raw=msg.value(),
+            ctx = (
+                MessageContext(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    key=msg.key(),
+                    headers=text_headers,
+                    timestamp=_timestamp(msg),
+                    group=self.group,
+                    original_topic=sub.topic,
+                    attempt=prior + attempt,
+                    retry_level=level,
+                    raw=msg.value(),
+                )
+                if sub.wants_context
+                else None
             )
-            span = ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
+            span = (
+                ConsumerSpan(topic, self.group, partition, offset, msg.key(), raw_headers)
+                if raw_headers or recording()
+                else _NO_SPAN
+            )
             start = time.perf_counter()
             try:
                 if sub.is_async:
@@ -731,7 +751,9 @@ class Worker:
                 else:
                     assert self._loop is not None
                     args = (value, ctx) if sub.wants_context else (value,)
-                    await self._loop.run_in_executor(None, sub.handler, *args)
+                    # In the handler's thread too, the consumer span is current.
+                    context = contextvars.copy_context()
+                    await self._loop.run_in_executor(None, context.run, sub.handler, *args)
             except DeadLetter as exc:
                 span.end(exc)
                 latency.observe(time.perf_counter() - start)
@@ -875,6 +897,18 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class _NoSpan:
+    """Stands in for a ConsumerSpan when there is nothing to trace (no SDK, no context)."""
+
+    __slots__ = ()
+
+    def end(self, error: BaseException | None) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
 
 
 def _where(msg: Message) -> tuple[str, int, int]:

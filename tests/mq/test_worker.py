@@ -4,6 +4,7 @@ an unfinished message, bounded concurrency, drain on stop."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from typing import Any
@@ -124,3 +125,33 @@ async def test_full_buffer_pauses_fetching_and_commits_stop_at_the_unfinished(
         await worker.stop()
     assert peak <= 10
     assert broker.committed(group, topic, 1)[0] == first.offset + 60
+
+
+async def test_plain_def_handler_runs_off_the_loop_in_key_order(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    import threading
+
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int, int]] = []
+
+    def handle(msg: dict[str, Any], ctx: MessageContext) -> None:  # blocking code is fine here
+        seen.append((msg["k"], msg["i"], threading.get_ident()))
+
+    broker.produce(
+        topic,
+        [
+            (f"k{i % 3}".encode(), json.dumps({"k": f"k{i % 3}", "i": i}).encode())
+            for i in range(30)
+        ],
+    )
+    worker = _worker(broker, group, [Subscription(topic, handle)], concurrency=3)
+    await worker.start()
+    try:
+        await wait_until(lambda: len(seen) == 30, "handled", limit=30)
+    finally:
+        await worker.stop()
+    assert all(tid != loop_thread for _, _, tid in seen)
+    for k in ("k0", "k1", "k2"):
+        mine = [i for key, i, _ in seen if key == k]
+        assert mine == sorted(mine) and len(mine) == 10

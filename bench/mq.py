@@ -1,0 +1,249 @@
+"""Kafka throughput: meshkit's worker and publisher against raw confluent-kafka, one run.
+
+* consume: a raw ``Consumer.consume()`` loop that calls a no-op handler per message and
+  commits after each processed batch, vs a meshkit :class:`~meshkit.mq.Worker` with the
+  same no-op handler (``async def``, raw bytes codec; per-key ordering, offset tracking,
+  metrics and periodic commits all on). Timed from the first message handled to the
+  last, so group joins are not counted.
+* publish: a raw ``Producer.produce()`` loop with one ``flush()`` at the end, vs meshkit
+  ``Publisher.publish_nowait()`` with every delivery future awaited (idempotent both).
+
+Runs against a fresh bundled broker (tansu, memory storage) unless ``--url`` is given.
+Each measurement runs ``--rounds`` times alternating raw and meshkit; the best round of
+each counts. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
+``publish_vs_raw_ratio``.
+
+    python bench/mq.py            # 100k messages of 100 bytes, 1000 keys, 3 rounds
+    python bench/mq.py --quick    # 20k messages, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from prometheus_client import CollectorRegistry
+
+from meshkit import _loop
+from meshkit.logs import configure_logging
+from meshkit.mq import Publisher, Subscription, Worker, ensure_topics
+from meshkit.mq.broker import DevBroker
+
+# Quick group joins on tansu (see shared/INFRA.md); harmless on Kafka.
+GROUP_SETTINGS = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "max.poll.interval.ms": 30000,
+}
+
+
+def _payloads(n: int, size: int, keys: int) -> list[tuple[bytes, bytes]]:
+    body = b"x" * max(0, size - 12)
+    return [(f"k{i % keys}".encode(), b"%012d" % i + body) for i in range(n)]
+
+
+def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> float:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
+    )
+    errors = 0
+
+    def report(err: Any, _msg: Any) -> None:
+        nonlocal errors
+        if err is not None:
+            errors += 1
+
+    start = time.perf_counter()
+    for key, value in msgs:
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    left = producer.flush(60)
+    elapsed = time.perf_counter() - start
+    if errors or left:
+        raise SystemExit(f"raw publish failed: {errors} errors, {left} undelivered")
+    return len(msgs) / elapsed
+
+
+async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> float:
+    pub = Publisher(url, metrics_registry=CollectorRegistry())
+    pub.start()
+    start = time.perf_counter()
+    futures = []
+    for key, value in msgs:
+        futures.append(pub.publish_nowait(topic, value, key=key))
+        if len(futures) >= 20_000:  # stay well inside the producer buffer
+            await asyncio.gather(*futures)
+            futures = []
+    await asyncio.gather(*futures)
+    elapsed = time.perf_counter() - start
+    await pub.close()
+    return len(msgs) / elapsed
+
+
+def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-raw-{secrets.token_hex(4)}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **GROUP_SETTINGS,
+        }
+    )
+    consumer.subscribe([topic])
+    handled = 0
+    sink = 0
+
+    def noop(value: bytes | None) -> None:
+        nonlocal sink
+        sink += 1
+
+    start = None
+    deadline = time.monotonic() + 120
+    try:
+        while handled < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"raw consume: only {handled} of {n} messages in 120 s")
+            batch = consumer.consume(500, 1.0)
+            if not batch:
+                continue
+            if start is None:
+                start = time.perf_counter()
+            for msg in batch:
+                if msg.error() is None:
+                    noop(msg.value())
+                    handled += 1
+            consumer.commit(asynchronous=True)  # commit after processing the batch
+        elapsed = time.perf_counter() - (start or time.perf_counter())
+    finally:
+        consumer.close()
+    return n / elapsed
+
+
+async def meshkit_consume(url: str, topic: str, n: int) -> float:
+    handled = 0
+    start = 0.0
+    done = asyncio.Event()
+
+    async def noop(value: bytes) -> None:
+        nonlocal handled, start
+        if handled == 0:
+            start = time.perf_counter()
+        handled += 1
+        if handled >= n:
+            done.set()
+
+    worker = Worker(
+        f"bench-meshkit-{secrets.token_hex(4)}",
+        [Subscription(topic, noop, model=bytes)],
+        url=url,
+        config=GROUP_SETTINGS,
+        metrics_registry=CollectorRegistry(),
+    )
+    await worker.start()
+    try:
+        await asyncio.wait_for(done.wait(), 120)
+        elapsed = time.perf_counter() - start
+    finally:
+        await worker.stop()
+    return n / elapsed
+
+
+def load() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} {five:.2f} (1/5 min, {os.cpu_count()} cores)"
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    broker = None
+    url = args.url
+    if url is None:
+        broker = DevBroker()
+        broker.start()
+        url = broker.url
+    bootstrap = url.removeprefix("kafka://")
+    try:
+        msgs = _payloads(args.messages, args.size, args.keys)
+        topics = {f"bench-{name}-{secrets.token_hex(3)}": 3 for name in ("src", "pub")}
+        src, pub_topic = list(topics)
+        retry_topics = {f"{src}.retry.{i}": 3 for i in (1, 2)} | {f"{src}.dlq": 3}
+        await asyncio.to_thread(ensure_topics, bootstrap, topics | retry_topics)
+        print(f"load before: {load()}", file=sys.stderr)
+        results: dict[str, list[float]] = {
+            k: [] for k in ("raw_pub", "mk_pub", "raw_con", "mk_con")
+        }
+        # Fill the consume topic (the first raw publish round does it).
+        for _ in range(args.rounds):
+            results["raw_pub"].append(await asyncio.to_thread(raw_publish, bootstrap, src, msgs))
+            results["mk_pub"].append(await meshkit_publish(url, pub_topic, msgs))
+        n = args.messages * args.rounds  # every raw round published into src
+        for _ in range(args.rounds):
+            results["raw_con"].append(await asyncio.to_thread(raw_consume, bootstrap, src, n))
+            results["mk_con"].append(await meshkit_consume(url, src, n))
+        print(f"load after: {load()}", file=sys.stderr)
+    finally:
+        if broker is not None:
+            broker.close()
+    best = {k: max(v) for k, v in results.items()}
+    rows = [
+        (
+            "consume + no-op handler + commit",
+            "raw confluent-kafka",
+            best["raw_con"],
+            results["raw_con"],
+        ),
+        ("", "meshkit Worker", best["mk_con"], results["mk_con"]),
+        ("publish, deliveries awaited", "raw Producer", best["raw_pub"], results["raw_pub"]),
+        ("", "meshkit Publisher", best["mk_pub"], results["mk_pub"]),
+    ]
+    print(f"\n{args.messages} messages x {args.rounds} round(s), {args.size} B, {args.keys} keys")
+    print(f"{'what':34} {'implementation':22} {'best msgs/s':>12}  rounds")
+    for what, impl, value, all_rounds in rows:
+        print(f"{what:34} {impl:22} {value:12,.0f}  {', '.join(f'{v:,.0f}' for v in all_rounds)}")
+    summary = {
+        "bench": "mq",
+        "messages": args.messages,
+        "rounds": args.rounds,
+        "size": args.size,
+        "keys": args.keys,
+        "raw_consume_msgs_s": round(best["raw_con"]),
+        "worker_msgs_s": round(best["mk_con"]),
+        "raw_publish_msgs_s": round(best["raw_pub"]),
+        "publisher_msgs_s": round(best["mk_pub"]),
+        "worker_vs_raw_ratio": round(best["mk_con"] / best["raw_con"], 3),
+        "publish_vs_raw_ratio": round(best["mk_pub"] / best["raw_pub"], 3),
+        "loop": "uvloop" if _loop.uvloop_enabled() else "asyncio",
+        "load": load(),
+    }
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="kafka://host:port (default: a fresh bundled broker)")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="20k messages, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.rounds = 20_000, 1
+    configure_logging(level="WARNING", json=False, stream=sys.stderr)
+    summary = _loop.run(main(args))
+    print(json.dumps(summary), flush=True)
