@@ -47,7 +47,7 @@ def broker(host: str, port: int) -> None:
     from .mq.broker import BrokerError, DevBroker
 
     try:
-        server = DevBroker(host=host, port=port, log_path=None)
+        server = DevBroker(host=host, port=port, log_path=None, die_with_parent=True)
         server.start()
     except BrokerError as exc:
         raise _Failure(str(exc)) from None

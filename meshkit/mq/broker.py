@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,15 @@ def tansu_binary() -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent goes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -67,6 +77,8 @@ class DevBroker:
     ``url`` is the ``MESHKIT_MQ`` value (``kafka://127.0.0.1:PORT``), ``bootstrap`` the
     ``bootstrap.servers`` string. Usable as a context manager. ``log_path``: where the
     broker's output goes (a temporary file by default; ``None`` inherits the terminal).
+    ``die_with_parent``: on Linux, the broker gets SIGTERM when the thread that started it
+    dies, even by SIGKILL (for ``meshkit mq broker``, started from the main thread).
     """
 
     def __init__(
@@ -76,8 +88,10 @@ class DevBroker:
         port: int = 0,
         log_path: str | Path | bool | None = True,
         start_timeout: float = START_TIMEOUT,
+        die_with_parent: bool = False,
     ) -> None:
         self.binary = tansu_binary()
+        self.die_with_parent = die_with_parent
         self.host = host
         self.port = port or free_port(host)
         self.start_timeout = start_timeout
@@ -129,6 +143,7 @@ class DevBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT if out is not None else None,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         finally:
             if out is not None:

@@ -51,6 +51,31 @@ def test_broker_command_serves_until_sigterm() -> None:
             proc.kill()
 
 
+def test_broker_goes_when_the_command_is_killed() -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshkit", "mq", "broker", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert port_open("127.0.0.1", port)
+        proc.kill()  # SIGKILL: no chance to stop the broker itself
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not port_open("127.0.0.1", port), "the broker outlived a killed command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_broker_command_on_a_busy_port_fails_clearly(broker: KafkaBroker) -> None:
     result = CliRunner().invoke(cli, ["mq", "broker", "--port", str(broker.port)])
     assert result.exit_code == 1
