@@ -58,6 +58,8 @@ async def test_etcd_outage_resume_without_lost_or_reordered_versions(
         for n in range(3, 9):
             await _retry(lambda n=n: publisher.set_key("echo", "n", n))
         await wait_until(lambda: cfg.value.n == 8, "the last version applied", limit=20)
+        # Callbacks run in their own task after the swap: wait for the last one to be heard.
+        await wait_until(lambda: applied[-1] == 8, "the callback of the last version")
         assert applied == [2, 3, 4, 5, 6, 7, 8]
         assert cfg.versions["echo"] == 8
         await wait_until(lambda: cfg.info()["store_reachable"] is True, "recovery noticed")
