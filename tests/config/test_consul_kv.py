@@ -56,6 +56,7 @@ async def test_agent_outage_keeps_last_good_and_resumes(consul_kv: ConsulKVDoubl
         for n in (3, 4, 5):
             await _retry(lambda n=n: publisher.set_key("echo", "n", n))
         await wait_until(lambda: cfg.value.n == 5, "the latest version after the outage")
+        await wait_until(lambda: applied[-1] == 5, "the callback of the latest version")
         assert applied == sorted(applied) and applied[0] == 2 and applied[-1] == 5
         assert cfg.versions["echo"] == 5
     finally:
