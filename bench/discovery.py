@@ -327,7 +327,16 @@ async def measure_kill_to_removed(url: str, prefix: str, count: int) -> dict[str
     }
 
 
-async def measure_smart_vs_bare(url: str, prefix: str, window: float) -> dict[str, Any]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_smart_vs_bare(
+    url: str, prefix: str, window: float, server_pid: int
+) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
     from meshkit import Client
@@ -352,9 +361,12 @@ async def measure_smart_vs_bare(url: str, prefix: str, window: float) -> dict[st
         metrics_registry=CollectorRegistry(),
     )
 
-    async def run(client: Any, seconds: float) -> float:
+    cpu: dict[str, list[float]] = {"bare": [], "smart": [], "deadline_only": []}
+
+    async def run(client: Any, seconds: float, name: str | None = None) -> float:
         count = 0
         end = time.monotonic() + seconds
+        client_cpu, server_cpu = time.thread_time(), process_cpu(server_pid)
 
         async def worker() -> None:
             nonlocal count
@@ -364,7 +376,12 @@ async def measure_smart_vs_bare(url: str, prefix: str, window: float) -> dict[st
 
         start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return count / (time.monotonic() - start)
+        rate = count / (time.monotonic() - start)
+        if name is not None:
+            # CPU per call (client loop thread + server process): robust to other load.
+            used = time.thread_time() - client_cpu + process_cpu(server_pid) - server_cpu
+            cpu[name].append(used / count * 1e6)
+        return rate
 
     # Attribution only: bare plus the deadline stage (a budget header and timers per call).
     deadline_only = RpcClient(
@@ -382,10 +399,10 @@ async def measure_smart_vs_bare(url: str, prefix: str, window: float) -> dict[st
         assert len(smart.resolver.endpoints()) == len(resolver.endpoints()) == 1
         for client in clients.values():
             await run(client, min(0.5, window / 2))  # warm-up: connections, caches
-        for _ in range(2):
+        for _ in range(3):
             for name, client in clients.items():
-                rates[name].append(await run(client, window))
-                log(f"  {name}: {rates[name][-1]:,.0f} calls/s")
+                rates[name].append(await run(client, window, name))
+                log(f"  {name}: {rates[name][-1]:,.0f} calls/s, {cpu[name][-1]:.0f} us CPU/call")
     finally:
         await deadline_only.pool.close()  # shares the resolver with bare
         await bare.close()
@@ -398,6 +415,12 @@ async def measure_smart_vs_bare(url: str, prefix: str, window: float) -> dict[st
         "smart_vs_bare_ratio": round(mean["smart"] / mean["bare"], 3),
         "deadline_only_calls_per_s": round(mean["deadline_only"]),
         "deadline_only_vs_bare_ratio": round(mean["deadline_only"] / mean["bare"], 3),
+        "smart_cpu_us_per_call": round(statistics.median(cpu["smart"]), 1),
+        "bare_cpu_us_per_call": round(statistics.median(cpu["bare"]), 1),
+        # The throughput ratio if the calls were CPU-bound on client + server alone.
+        "smart_vs_bare_cpu_ratio": round(
+            statistics.median(cpu["bare"]) / statistics.median(cpu["smart"]), 3
+        ),
         "throughput_concurrency": CONCURRENCY,
         "throughput_payload_bytes": len(PAYLOAD),
         "throughput_window_s": window,
@@ -426,7 +449,7 @@ async def parent_main(args: argparse.Namespace) -> dict[str, Any]:
         log(f"kill -> removed ({kills} instances, ttl={KILL_TTL}s)")
         result |= await measure_kill_to_removed(server.url, prefix, kills)
         log(f"smart vs bare (C={CONCURRENCY}, {len(PAYLOAD)} B, {window}s windows)")
-        result |= await measure_smart_vs_bare(server.url, prefix, window)
+        result |= await measure_smart_vs_bare(server.url, prefix, window, spawner.proc.pid)
     finally:
         await spawner.close()
         await asyncio.to_thread(server.close)

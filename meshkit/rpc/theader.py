@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from meshkit.errors import FrameError
 
@@ -117,6 +118,20 @@ _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 _BARE_BLOCK = {int(p): bytes((int(p), 0, 0, 0)) for p in ProtocolId}
 
 
+# Header blocks recently encoded or decoded. Calls of one client mostly carry the same
+# headers (the same budget, caller and trace flags), and a lookup costs far less than
+# encoding or parsing them again. Bounded: emptied when full.
+_CACHE_SIZE = 512
+_BLOCKS: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+_PARSED: dict[bytes, dict[str, str]] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
 def _varint(value: int) -> bytes:
     """Encode a non-negative int as an unsigned LEB128 varint."""
     if value < 0x80:
@@ -167,6 +182,10 @@ def encode_frame(
         block = _BARE_BLOCK.get(protocol_id)
         if block is None:
             raise FrameError(_protocol_message(protocol_id))
+    elif not transforms and (
+        cached := _BLOCKS.get(cache_key := (protocol_id, tuple(headers.items())))  # type: ignore[union-attr]
+    ):
+        block = cached
     else:
         if protocol_id not in _PROTOCOL_IDS:
             raise FrameError(_protocol_message(protocol_id))
@@ -193,6 +212,8 @@ def encode_frame(
                 f"expected a header block of at most {MAX_HEADER_BLOCK} bytes, "
                 f"found {len(block)} bytes"
             )
+        if not transforms:
+            _remember(_BLOCKS, cache_key, block)
     length = _FIXED_SIZE + len(block) + len(payload)
     if length > MAX_FRAME_LENGTH:
         raise FrameError(f"expected a frame of at most {MAX_FRAME_LENGTH} bytes, found {length}")
@@ -262,6 +283,16 @@ def _decompress(payload: bytes, limit: int) -> bytes:
 
 def _parse_info(block: bytes, max_headers: int) -> dict[str, str]:
     """Parse the info sections (the header block after the transform ids)."""
+    cached = _PARSED.get(block)
+    if cached is not None and len(cached) <= max_headers:
+        return dict(cached)  # a copy: callers may change their headers
+    headers = _parse_info_sections(block, max_headers)
+    if len(block) <= 256:
+        _remember(_PARSED, block, dict(headers))
+    return headers
+
+
+def _parse_info_sections(block: bytes, max_headers: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     # all-ASCII block (the usual case): offsets in the decoded text equal byte offsets,
     # so the block is decoded once and keys/values are plain str slices

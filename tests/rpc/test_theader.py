@@ -445,3 +445,21 @@ def test_zlib_bomb_is_refused_without_inflating_it() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 40 * MiB
+
+
+def test_header_block_caches_never_leak_between_frames() -> None:
+    """Encoded and parsed header blocks are reused; a caller changing its dict changes no other."""
+    headers = {"meshkit-timeout-ms": "5000", "user-id": "42"}
+    first = encode_frame(b"payload", seqid=1, headers=headers)
+    assert encode_frame(b"payload", seqid=1, headers=dict(headers)) == first
+    other = encode_frame(b"payload", seqid=1, headers={**headers, "user-id": "43"})
+    assert other != first
+    one = decode_frame(first[4:])
+    one.headers["user-id"] = "changed"
+    one.headers["extra"] = "x"
+    again = decode_frame(first[4:])
+    assert again.headers == headers
+    assert decode_frame(other[4:]).headers["user-id"] == "43"
+    # the same block under a stricter limit is still refused
+    with pytest.raises(FrameError, match="at most 1 headers"):
+        decode_frame(first[4:], limits=HeaderLimits(max_headers=1))
