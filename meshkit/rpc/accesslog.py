@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -41,9 +42,12 @@ class AccessLog:
         self._enabled_until = now + self.recheck_after
         return enabled
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
         if not self._enabled():
-            return await call_next(ctx)
+            return call_next(ctx)  # no coroutine frame of its own when logging is off
+        return self._logged(ctx, call_next)
+
+    async def _logged(self, ctx: CallContext, call_next: Next) -> Any:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
