@@ -50,6 +50,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import structlog
 
+from .._files import mkdir_private as _mkdir_private
 from ..errors import ConfigError, Unavailable
 from ..registry.local import default_directory
 from .kv import KV, Compacted, Delete, Entry, Event, Listing, Put, validate_key, validate_prefix
@@ -66,13 +67,6 @@ _URL_PARAMS = ("poll_interval", "max_journal")
 def default_config_directory(environ: Mapping[str, str] | None = None) -> Path:
     """Where ``local://`` keeps config: ``config`` next to the ``local://`` registry."""
     return default_directory(environ).parent / "config"
-
-
-def _mkdir_private(path: Path) -> None:
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for p in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            p.mkdir(mode=0o700)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import structlog
 
+from .._files import mkdir_private as _mkdir_private
 from ..errors import ConfigError, InvalidArgument, Unavailable
 from .base import Instance, Registry, validate_instance_id, validate_service_name
 
@@ -75,14 +76,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # cannot tell: do not delete anything on a guess
     return True
-
-
-def _mkdir_private(path: Path) -> None:
-    """Create ``path`` and any missing parents with mode 0700 (existing ones untouched)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for p in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            p.mkdir(mode=0o700)
 
 
 def _positive(name: str, value: object) -> float:
