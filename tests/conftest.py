@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from echo_support import ECHO_IDL, ROOT, EchoImpl, echo_thrift  # noqa: F401
+from etcd_server import EtcdServer
 from prometheus_client import CollectorRegistry
 
 
@@ -39,3 +40,28 @@ async def echo_service(metrics_registry: CollectorRegistry) -> AsyncIterator[Any
         yield svc
     finally:
         await svc.stop(drain_timeout=1.0)
+
+
+# -- real etcd servers (tests/etcd_server.py); a server that does not start fails the test
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    """A running etcd of this test's own (``.url`` is ``etcd://127.0.0.1:PORT``)."""
+    server = EtcdServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_session() -> Iterator[EtcdServer]:
+    """A running etcd shared by every test of the session: do not stop or restart it."""
+    server = EtcdServer(name="meshkit-session")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -42,26 +42,6 @@ def _restore_logging() -> Iterator[None]:
 BACKENDS = ["local", "etcd", pytest.param("consul", marks=pytest.mark.consul_contract)]
 
 
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="session")
-def etcd_session() -> Iterator[EtcdServer]:
-    server = EtcdServer(name="meshkit-config-session")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 def etcd_url(server: EtcdServer) -> str:
     return f"{server.url}?prefix=/meshkit-test/{secrets.token_hex(4)}"
 

@@ -11,32 +11,8 @@ skips.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pytest
-from etcd_server import EtcdServer
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    """A running etcd of this test's own (``.url`` is ``etcd://127.0.0.1:PORT``)."""
-    server = EtcdServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="session")
-def etcd_session() -> Iterator[EtcdServer]:
-    """A running etcd shared by every test of the session: do not stop or restart it."""
-    server = EtcdServer(name="meshkit-session")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
