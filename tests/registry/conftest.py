@@ -1,4 +1,4 @@
-"""Fixtures for the registry tests: real etcd servers (see ``tests/etcd_server.py``).
+"""Fixtures for the registry tests, beside the real etcd servers of ``tests/conftest.py``:
 
 * ``etcd``: a fresh etcd for one test (tests that stop, kill or restart it use this);
 * ``etcd_session``: one etcd shared by the session; a test using it must keep to its own
