@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 from pydantic import Secret as _Secret
 
@@ -139,7 +140,7 @@ def _merge_into(
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The settings in a TOML file (``.toml``) or JSON file (``.json``).
+    """The settings in a TOML (``.toml``, the default), YAML (``.yaml``/``.yml``) or JSON file.
 
     Raises :class:`~meshkit.errors.ConfigError` naming the file and what is wrong.
     """
@@ -155,6 +156,16 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ConfigError(f"config file {p} is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
             raise ConfigError(f"config file {p}: expected a JSON object at the top level")
+        return parsed
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            parsed = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if parsed is None:
+            return {}
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"config file {p}: expected a YAML mapping at the top level")
         return parsed
     try:
         return tomllib.loads(data.decode())

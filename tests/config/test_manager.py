@@ -402,3 +402,27 @@ async def test_cache_file_used_when_store_unreachable_at_start(
         assert nocache.value.limit == 10 and nocache.info()["store_reachable"] is False
     finally:
         await nocache.stop()
+
+
+def test_config_files_in_toml_yaml_and_json(tmp_path: Path) -> None:
+    from meshkit.config.layers import load_file
+
+    (tmp_path / "a.toml").write_text('limit = 3\n[db]\nhost = "h"\n')
+    (tmp_path / "a.yaml").write_text("limit: 3\ndb:\n  host: h\n")
+    (tmp_path / "a.yml").write_text("# nothing set yet\n")
+    (tmp_path / "a.json").write_text('{"limit": 3, "db": {"host": "h"}}')
+    expected = {"limit": 3, "db": {"host": "h"}}
+    assert load_file(tmp_path / "a.toml") == expected
+    assert load_file(tmp_path / "a.yaml") == expected
+    assert load_file(tmp_path / "a.json") == expected
+    assert load_file(tmp_path / "a.yml") == {}
+    (tmp_path / "bad.yaml").write_text("limit: [3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_file(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping at the top level"):
+        load_file(tmp_path / "list.yaml")
+    # safe_load: no Python objects from a config file
+    (tmp_path / "evil.yaml").write_text("x: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_file(tmp_path / "evil.yaml")
