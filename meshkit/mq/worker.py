@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry
 from . import headers as H
 from .context import MessageContext
 from .errors import ConfigError, DeadLetter, DecodeError, MqError
-from .metrics import ConsumerMetrics
+from .metrics import ConsumerMetrics, HandlerStats, HandlerTable
 from .offsets import PartitionState
 from .producer import Publisher
 from .retry import dlq_topic, retry_topic
@@ -220,8 +220,10 @@ class Worker:
         self._publisher = publisher
         self._owns_publisher = publisher is None
         self.metrics = ConsumerMetrics.get(metrics_registry)
-        self._in_flight_gauge = self.metrics.in_flight.labels(group)
-        self._labels: dict[str, tuple[Any, ...]] = {}
+        self.metrics.track_in_flight(self)
+        #: handled/failed counts and latency per (group, topic), summed at scrape time
+        self.handler_stats: HandlerTable = {}
+        self.metrics.handlers.adopt(self, self.handler_stats)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
@@ -232,7 +234,7 @@ class Worker:
         self._paused_all = False
         self._work = _Runnable()
         self._runners: list[asyncio.Task[None]] = []
-        self.in_flight = 0
+        self.in_flight = 0  # read by the in-flight gauge at scrape time
         self._capacity = asyncio.Event()
         self._progress = asyncio.Event()  # set each time a runner finishes a message
         self._background: set[asyncio.Future[Any]] = set()
@@ -432,7 +434,6 @@ class Worker:
             state.add(msg.offset())  # type: ignore[arg-type]
             self.in_flight += 1
             self._work.add(msg.key(), (msg, state))
-        self._in_flight_gauge.set(self.in_flight)
         if held_now:
             self._spawn(self._hold(held_now))
 
@@ -681,19 +682,12 @@ class Worker:
                 self._progress.set()
                 if self.in_flight <= self.max_buffered // 2 and not self._capacity.is_set():
                     self._capacity.set()
-                if not ready:
-                    self._in_flight_gauge.set(self.in_flight)
 
-    def _labels_for(self, topic: str) -> tuple[Any, ...]:
-        labels = self._labels.get(topic)
-        if labels is None:
-            m = self.metrics
-            labels = self._labels[topic] = (
-                m.processed.labels(self.group, topic),
-                m.failed.labels(self.group, topic),
-                m.latency.labels(self.group, topic),
-            )
-        return labels
+    def _stats_for(self, topic: str) -> HandlerStats:
+        stats = self.handler_stats.get((self.group, topic))
+        if stats is None:
+            stats = self.handler_stats[(self.group, topic)] = HandlerStats()
+        return stats
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
         """Run the handler with retries; ``True`` when the message is done with."""
@@ -704,7 +698,7 @@ class Worker:
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
         prior = _int(text_headers.get(H.ATTEMPTS), 0) if level else 0
-        processed, failed, latency = self._labels_for(sub.topic)
+        stats = self._stats_for(sub.topic)
         try:
             assert sub.codec is not None
             value = sub.codec.decode(msg.value())
@@ -756,13 +750,13 @@ class Worker:
                     await self._loop.run_in_executor(None, context.run, sub.handler, *args)
             except DeadLetter as exc:
                 span.end(exc)
-                latency.observe(time.perf_counter() - start)
-                failed.inc()
+                stats.observe(time.perf_counter() - start)
+                stats.failed += 1
                 return await self._dead_letter(msg, state, sub, exc, prior + attempt, "rejected")
             except Exception as exc:
                 span.end(exc)
-                latency.observe(time.perf_counter() - start)
-                failed.inc()
+                stats.observe(time.perf_counter() - start)
+                stats.failed += 1
                 error = exc
                 log.warning(
                     "handler failed",
@@ -781,8 +775,8 @@ class Worker:
                 span.end(exc)
                 raise
             span.end(None)
-            latency.observe(time.perf_counter() - start)
-            processed.inc()
+            stats.observe(time.perf_counter() - start)
+            stats.processed += 1
             return True
         assert error is not None
         attempts = prior + policy.attempts
