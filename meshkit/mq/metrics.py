@@ -134,6 +134,49 @@ class _HandlerCollector(Collector):
         yield latency
 
 
+class _PublishedCollector(Collector):
+    """``meshkit_mq_published``: every live publisher's counts (and collected ones')."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._retired: dict[tuple[str, str], int] = {}
+
+    def adopt(self, owner: object, counts: dict[tuple[str, str], int]) -> None:
+        """Report ``counts`` ((topic, outcome) → n) while ``owner`` lives, and after."""
+        with self._lock:
+            self._live.add(owner)
+        weakref.finalize(owner, self._retire, counts)
+
+    def _retire(self, counts: dict[tuple[str, str], int]) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                self._retired[key] = self._retired.get(key, 0) + n
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "meshkit_mq_published",
+            "Messages acknowledged by the broker (outcome=ok) or failed (outcome=error)",
+            labels=["topic", "outcome"],
+        )
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            totals = dict(self._retired)
+            owners = list(self._live)
+        for owner in owners:
+            for key, n in dict(owner.published_counts).items():
+                totals[key] = totals.get(key, 0) + n
+        family = self._family()
+        for (topic, outcome), n in sorted(totals.items()):
+            family.add_metric([topic, outcome], n)
+        yield family
+
+
 class ConsumerMetrics(PerRegistry):
     """Worker metrics, labelled by consumer group and topic."""
 
@@ -188,12 +231,9 @@ class ProducerMetrics(PerRegistry):
     """Publisher metrics, labelled by topic."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.published = Counter(
-            "meshkit_mq_published",
-            "Messages acknowledged by the broker (outcome=ok) or failed (outcome=error)",
-            ["topic", "outcome"],
-            registry=registry,
-        )
+        # Published counts: plain numbers per publisher, summed at scrape time.
+        self.published = _PublishedCollector()
+        registry.register(self.published)
         self.buffer_full = Counter(
             "meshkit_mq_publish_buffer_full",
             "Publish calls refused because the producer buffer was full",

@@ -115,7 +115,9 @@ class Publisher:
         self._reports: deque[_Report] = deque()
         self._resolve_scheduled = False
         self._produced = 0
-        self._counters: dict[tuple[str, str], Any] = {}
+        #: (topic, outcome) → deliveries reported, summed into /metrics at scrape time
+        self.published_counts: dict[tuple[str, str], int] = {}
+        self.metrics.published.adopt(self, self.published_counts)
         self._closed = False
         self._start_lock = threading.Lock()
 
@@ -309,31 +311,24 @@ class Publisher:
         if batch:
             self._resolve(batch)
 
-    def _counter(self, topic: str, outcome: str) -> Any:
-        counter = self._counters.get((topic, outcome))
-        if counter is None:
-            counter = self._counters[(topic, outcome)] = self.metrics.published.labels(
-                topic, outcome
-            )
-        return counter
-
     def _resolve(self, reports: list[_Report]) -> None:
         self._pending -= len(reports)
         if self._pending == 0:
             self._idle.set()
         waiting = self._waiting
+        counts = self.published_counts
         for future, err, msg, span in reports:
             waiting.discard(future)
             topic = msg.topic() or "?"
             if err is not None:
-                self._counter(topic, "error").inc()
+                counts[(topic, "error")] = counts.get((topic, "error"), 0) + 1
                 end_producer_span(span, None, None, err.str())
                 if not future.done():
                     future.set_exception(
                         PublishError(f"broker did not take a message for {topic!r}: {err.str()}")
                     )
                 continue
-            self._counter(topic, "ok").inc()
+            counts[(topic, "ok")] = counts.get((topic, "ok"), 0) + 1
             partition, offset = msg.partition(), msg.offset()
             if span is not None:
                 end_producer_span(span, partition, offset, None)
