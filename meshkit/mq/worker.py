@@ -114,37 +114,53 @@ def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int 
     return len(meta.partitions)
 
 
-_Entry = tuple[Message, PartitionState]
+#: a message ready to run: its key (``None`` for none), the message, its partition
+_Entry = tuple[bytes | None, Message, PartitionState]
 
 
 class _Runnable:
-    """Work for the runners: keys with queued messages, and messages without a key."""
+    """Work for the runners: at most one message per key is ready at a time."""
 
     __slots__ = ("by_key", "idle", "ready")
 
     def __init__(self) -> None:
-        #: key → its queued messages; present while the key is ready or being handled
-        self.by_key: dict[bytes, deque[_Entry]] = {}
-        #: keys (bytes) whose turn is coming, and unkeyed entries, in arrival order
-        self.ready: deque[bytes | _Entry] = deque()
+        #: key → messages queued behind the one ready or being handled (``None``: nothing
+        #: queued, the common case, so no deque is made); a key is present exactly while
+        #: one of its messages is ready or being handled
+        self.by_key: dict[bytes, deque[_Entry] | None] = {}
+        #: messages whose turn is coming (one per key, unkeyed ones freely), in order
+        self.ready: deque[_Entry] = deque()
         #: runners waiting for work
         self.idle: deque[asyncio.Future[None]] = deque()
 
-    def add(self, key: bytes | None, entry: _Entry) -> None:
-        if key is None:
-            self.ready.append(entry)
-        else:
-            queue = self.by_key.get(key)
-            if queue is not None:
-                queue.append(entry)  # the key is ready or being handled already
+    def add(self, entry: _Entry) -> None:
+        key = entry[0]
+        if key is not None:
+            by_key = self.by_key
+            if key in by_key:  # the key is ready or being handled: wait behind it
+                queue = by_key[key]
+                if queue is None:
+                    by_key[key] = deque((entry,))
+                else:
+                    queue.append(entry)
                 return
-            self.by_key[key] = deque((entry,))
-            self.ready.append(key)
-        while self.idle:
-            waiter = self.idle.popleft()
+            by_key[key] = None
+        self.ready.append(entry)
+        idle = self.idle
+        while idle:
+            waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def done(self, key: bytes) -> None:
+        """The message of ``key`` being handled finished: the key's next one (if any)
+        goes to the back of the line, so keys take turns."""
+        queue = self.by_key[key]
+        if queue:
+            self.ready.append(queue.popleft())
+        else:
+            del self.by_key[key]
 
 
 class Worker:
@@ -433,7 +449,7 @@ class Worker:
                 state = self._states[key] = PartitionState(topic, partition)
             state.add(msg.offset())  # type: ignore[arg-type]
             self.in_flight += 1
-            self._work.add(msg.key(), (msg, state))
+            self._work.add((msg.key(), msg, state))
         if held_now:
             self._spawn(self._hold(held_now))
 
@@ -651,37 +667,29 @@ class Worker:
     # -- handling (runners) ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        """One runner: takes a key's next message (or an unkeyed one) and handles it."""
+        """One runner: takes the next ready message and handles it."""
         assert self._loop is not None
         work = self._work
-        ready, by_key = work.ready, work.by_key
+        ready = work.ready
+        capacity, progress = self._capacity, self._progress
+        resume_below = self.max_buffered // 2
         while True:
             if not ready:
                 waiter = self._loop.create_future()
                 work.idle.append(waiter)
                 await waiter
                 continue
-            item = ready.popleft()
-            if isinstance(item, bytes):
-                key: bytes | None = item
-                queue = by_key[item]
-                msg, state = queue.popleft()
-            else:
-                key = None
-                msg, state = item
+            key, msg, state = ready.popleft()
             try:
                 if not state.revoked and await self._handle(msg, state):
                     state.finish(msg.offset())  # type: ignore[arg-type]
             finally:
                 if key is not None:
-                    if queue:
-                        ready.append(key)  # its next message waits for its turn
-                    else:
-                        del by_key[key]
+                    work.done(key)
                 self.in_flight -= 1
-                self._progress.set()
-                if self.in_flight <= self.max_buffered // 2 and not self._capacity.is_set():
-                    self._capacity.set()
+                progress.set()
+                if self.in_flight <= resume_below and not capacity.is_set():
+                    capacity.set()
 
     def _stats_for(self, topic: str) -> HandlerStats:
         stats = self.handler_stats.get((self.group, topic))
@@ -690,7 +698,37 @@ class Worker:
         return stats
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
-        """Run the handler with retries; ``True`` when the message is done with."""
+        """Run the handler with retries; ``True`` when the message is done with.
+
+        The common case (an ``async def`` handler without context, a message without
+        headers read from the subscribed topic, no tracing SDK) makes its first attempt
+        here; anything else, and any failure, goes through :meth:`_handle_full`.
+        """
+        sub, level = self._routes[msg.topic()]  # type: ignore[index]
+        if level or not sub.is_async or sub.wants_context or msg.headers() or recording():
+            return await self._handle_full(msg, state, None)
+        try:
+            assert sub.codec is not None
+            value = sub.codec.decode(msg.value())
+        except Exception:
+            return await self._handle_full(msg, state, None)  # poison: dead-lettered there
+        stats = self._stats_for(sub.topic)
+        start = time.perf_counter()
+        try:
+            await sub.handler(value)
+        except Exception as exc:
+            stats.observe(time.perf_counter() - start)
+            stats.failed += 1
+            return await self._handle_full(msg, state, exc)
+        stats.observe(time.perf_counter() - start)
+        stats.processed += 1
+        return True
+
+    async def _handle_full(
+        self, msg: Message, state: PartitionState, first_error: Exception | None
+    ) -> bool:
+        """:meth:`_handle` in full: ``first_error`` is how the first attempt (made by
+        :meth:`_handle`, already counted) failed, or ``None`` when none was made."""
         topic: str = msg.topic()  # type: ignore[assignment]
         partition: int = msg.partition()  # type: ignore[assignment]
         offset: int = msg.offset()  # type: ignore[assignment]
@@ -711,6 +749,17 @@ class Worker:
         policy = sub.retry
         error: BaseException | None = None
         for attempt in range(1, policy.attempts + 1):
+            if attempt == 1 and first_error is not None:
+                if isinstance(first_error, DeadLetter):
+                    return await self._dead_letter(
+                        msg, state, sub, first_error, prior + 1, "rejected"
+                    )
+                error = first_error
+                self._log_failure(topic, partition, offset, prior + attempt, first_error)
+                if attempt < policy.attempts:
+                    self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
+                    await asyncio.sleep(policy.backoff_for(attempt))
+                continue
             if state.revoked:
                 return False
             ctx = (
@@ -758,15 +807,7 @@ class Worker:
                 stats.observe(time.perf_counter() - start)
                 stats.failed += 1
                 error = exc
-                log.warning(
-                    "handler failed",
-                    group=self.group,
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    attempt=prior + attempt,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                self._log_failure(topic, partition, offset, prior + attempt, exc)
                 if attempt < policy.attempts:
                     self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
                     await asyncio.sleep(policy.backoff_for(attempt))
@@ -783,6 +824,19 @@ class Worker:
         if level < len(policy.topic_delays):
             return await self._to_retry_topic(msg, state, sub, level + 1, error, attempts)
         return await self._dead_letter(msg, state, sub, error, attempts, "exhausted")
+
+    def _log_failure(
+        self, topic: str, partition: int, offset: int, attempt: int, exc: BaseException
+    ) -> None:
+        log.warning(
+            "handler failed",
+            group=self.group,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            attempt=attempt,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _moved_headers(
         self, msg: Message, sub: Subscription, error: BaseException, attempts: int
