@@ -239,6 +239,11 @@ class Worker:
         self.metrics.track_in_flight(self)
         #: handled/failed counts and latency per (group, topic), summed at scrape time
         self.handler_stats: HandlerTable = {}
+        #: subscribed topic → its entry in handler_stats (shown as 0 before any message)
+        self._stats: dict[str, HandlerStats] = {
+            sub.topic: self.handler_stats.setdefault((group, sub.topic), HandlerStats())
+            for sub in subscriptions
+        }
         self.metrics.handlers.adopt(self, self.handler_stats)
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -421,6 +426,9 @@ class Worker:
     def _dispatch(self, messages: list[Message]) -> None:
         held_now: list[tuple[Message, float]] = []
         now_ms = time.time() * 1000
+        held, assigned, routes, states = self._held, self._assigned, self._routes, self._states
+        add = self._work.add
+        added = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -431,25 +439,27 @@ class Worker:
             topic: str = msg.topic()  # type: ignore[assignment]
             partition: int = msg.partition()  # type: ignore[assignment]
             key = (topic, partition)
-            if key in self._held:
+            if key in held:
                 continue  # waits for a retry that is not due: read again after the seek
-            if key not in self._assigned:
+            if key not in assigned:
                 continue  # fetched just before a revoke; the new owner reads it again
-            route = self._routes.get(topic)
+            route = routes.get(topic)
             if route is None:
                 continue
             if route[1] > 0:
                 due = _not_before(msg)
                 if due is not None and due > now_ms:
-                    self._held[key] = due  # at once, so no later batch slips past it
+                    held[key] = due  # at once, so no later batch slips past it
                     held_now.append((msg, due))
                     continue
-            state = self._states.get(key)
+            state = states.get(key)
             if state is None:
-                state = self._states[key] = PartitionState(topic, partition)
-            state.add(msg.offset())  # type: ignore[arg-type]
-            self.in_flight += 1
-            self._work.add((msg.key(), msg, state))
+                state = states[key] = PartitionState(topic, partition)
+            state.pending.append(msg.offset())  # type: ignore[arg-type]  # PartitionState.add
+            added += 1
+            add((msg.key(), msg, state))
+        # Runners only run after this returns, so counting once per batch is exact.
+        self.in_flight += added
         if held_now:
             self._spawn(self._hold(held_now))
 
@@ -691,12 +701,6 @@ class Worker:
                 if self.in_flight <= resume_below and not capacity.is_set():
                     capacity.set()
 
-    def _stats_for(self, topic: str) -> HandlerStats:
-        stats = self.handler_stats.get((self.group, topic))
-        if stats is None:
-            stats = self.handler_stats[(self.group, topic)] = HandlerStats()
-        return stats
-
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
         """Run the handler with retries; ``True`` when the message is done with.
 
@@ -712,7 +716,7 @@ class Worker:
             value = sub.codec.decode(msg.value())
         except Exception:
             return await self._handle_full(msg, state, None)  # poison: dead-lettered there
-        stats = self._stats_for(sub.topic)
+        stats = self._stats[sub.topic]
         start = time.perf_counter()
         try:
             await sub.handler(value)
@@ -736,7 +740,7 @@ class Worker:
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
         prior = _int(text_headers.get(H.ATTEMPTS), 0) if level else 0
-        stats = self._stats_for(sub.topic)
+        stats = self._stats[sub.topic]
         try:
             assert sub.codec is not None
             value = sub.codec.decode(msg.value())
