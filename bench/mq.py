@@ -10,7 +10,9 @@
 
 Runs against a fresh bundled broker (tansu, memory storage) unless ``--url`` is given.
 Each measurement runs ``--rounds`` times alternating raw and meshkit; the best round of
-each counts. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
+each counts. Beside msgs/s each round reports process CPU per message (all threads of
+this process over the timed window; the broker is another process), steadier than wall
+rates on a shared machine. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
 ``publish_vs_raw_ratio``.
 
     python bench/mq.py            # 100k messages of 100 bytes, 1000 keys, 3 rounds

@@ -11,7 +11,8 @@ How it keeps its promises:
   broker acknowledged that); the commit point per partition is the first offset not
   done (:class:`~meshkit.mq.offsets.PartitionState`), committed every
   ``commit_interval`` seconds, on revoke and on stop.
-* **Per-key order, bounded concurrency.** Messages wait in one queue per key; a key
+* **Per-key order, bounded concurrency.** Messages wait in one queue per key (made
+  only when a second message of the key arrives before the first finished); a key
   is handled by at most one of the ``concurrency`` runner tasks at a time, in fetch
   order, so messages with the same key are handled in order while different keys run
   concurrently, and a slow key holds up only itself. Keys take turns (one message,
