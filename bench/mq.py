@@ -10,7 +10,9 @@
 
 Runs against a fresh bundled broker (tansu, memory storage) unless ``--url`` is given.
 Each measurement runs ``--rounds`` times alternating raw and meshkit; the best round of
-each counts. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
+each counts. Beside msgs/s each round reports process CPU per message (all threads of
+this process over the timed window; the broker is another process), steadier than wall
+rates on a shared machine. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
 ``publish_vs_raw_ratio``.
 
     python bench/mq.py            # 100k messages of 100 bytes, 1000 keys, 3 rounds
@@ -26,6 +28,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -44,12 +47,29 @@ GROUP_SETTINGS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One timed round: messages, wall seconds and process CPU seconds (every thread)."""
+
+    n: int
+    elapsed: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.n * 1e6
+
+
 def _payloads(n: int, size: int, keys: int) -> list[tuple[bytes, bytes]]:
     body = b"x" * max(0, size - 12)
     return [(f"k{i % keys}".encode(), b"%012d" % i + body) for i in range(n)]
 
 
-def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> float:
+def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> Result:
     producer = Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
     )
@@ -60,7 +80,7 @@ def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> 
         if err is not None:
             errors += 1
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for key, value in msgs:
         while True:
             try:
@@ -70,16 +90,16 @@ def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> 
                 producer.poll(0.01)
         producer.poll(0)
     left = producer.flush(60)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if errors or left:
         raise SystemExit(f"raw publish failed: {errors} errors, {left} undelivered")
-    return len(msgs) / elapsed
+    return Result(len(msgs), elapsed, cpu)
 
 
-async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> float:
+async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> Result:
     pub = Publisher(url, metrics_registry=CollectorRegistry())
     pub.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     futures = []
     for key, value in msgs:
         futures.append(pub.publish_nowait(topic, value, key=key))
@@ -87,12 +107,12 @@ async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]])
             await asyncio.gather(*futures)
             futures = []
     await asyncio.gather(*futures)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     await pub.close()
-    return len(msgs) / elapsed
+    return Result(len(msgs), elapsed, cpu)
 
 
-def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -110,7 +130,8 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
         nonlocal sink
         sink += 1
 
-    start = None
+    start: float | None = None
+    cpu = 0.0
     deadline = time.monotonic() + 120
     try:
         while handled < n:
@@ -120,27 +141,28 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
             if not batch:
                 continue
             if start is None:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
             for msg in batch:
                 if msg.error() is None:
                     noop(msg.value())
                     handled += 1
             consumer.commit(asynchronous=True)  # commit after processing the batch
         elapsed = time.perf_counter() - (start or time.perf_counter())
+        cpu = time.process_time() - cpu
     finally:
         consumer.close()
-    return n / elapsed
+    return Result(n, elapsed, cpu)
 
 
-async def meshkit_consume(url: str, topic: str, n: int) -> float:
+async def meshkit_consume(url: str, topic: str, n: int) -> Result:
     handled = 0
-    start = 0.0
+    start = cpu = 0.0
     done = asyncio.Event()
 
     async def noop(value: bytes) -> None:
-        nonlocal handled, start
+        nonlocal handled, start, cpu
         if handled == 0:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         handled += 1
         if handled >= n:
             done.set()
@@ -155,10 +177,10 @@ async def meshkit_consume(url: str, topic: str, n: int) -> float:
     await worker.start()
     try:
         await asyncio.wait_for(done.wait(), 120)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         await worker.stop()
-    return n / elapsed
+    return Result(n, elapsed, cpu)
 
 
 def load() -> str:
@@ -184,7 +206,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         retry_topics = {f"{src}.retry.{i}": 3 for i in (1, 2)} | {f"{src}.dlq": 3}
         await asyncio.to_thread(ensure_topics, bootstrap, topics | retry_topics)
         print(f"load before: {load()}", file=sys.stderr)
-        results: dict[str, list[float]] = {
+        results: dict[str, list[Result]] = {
             k: [] for k in ("raw_pub", "mk_pub", "raw_con", "mk_con")
         }
         # Fill the consume topic (the first raw publish round does it).
@@ -199,22 +221,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if broker is not None:
             broker.close()
-    best = {k: max(v) for k, v in results.items()}
+    best = {k: max(r.rate for r in v) for k, v in results.items()}
+    cpu = {k: min(r.cpu_us for r in v) for k, v in results.items()}
     rows = [
-        (
-            "consume + no-op handler + commit",
-            "raw confluent-kafka",
-            best["raw_con"],
-            results["raw_con"],
-        ),
-        ("", "meshkit Worker", best["mk_con"], results["mk_con"]),
-        ("publish, deliveries awaited", "raw Producer", best["raw_pub"], results["raw_pub"]),
-        ("", "meshkit Publisher", best["mk_pub"], results["mk_pub"]),
+        ("consume + no-op handler + commit", "raw confluent-kafka", "raw_con"),
+        ("", "meshkit Worker", "mk_con"),
+        ("publish, deliveries awaited", "raw Producer", "raw_pub"),
+        ("", "meshkit Publisher", "mk_pub"),
     ]
     print(f"\n{args.messages} messages x {args.rounds} round(s), {args.size} B, {args.keys} keys")
-    print(f"{'what':34} {'implementation':22} {'best msgs/s':>12}  rounds")
-    for what, impl, value, all_rounds in rows:
-        print(f"{what:34} {impl:22} {value:12,.0f}  {', '.join(f'{v:,.0f}' for v in all_rounds)}")
+    print(f"{'what':34} {'implementation':22} {'best msgs/s':>12} {'CPU us/msg':>10}  rounds")
+    for what, impl, k in rows:
+        rounds = ", ".join(f"{r.rate:,.0f}/{r.cpu_us:.2f}us" for r in results[k])
+        print(f"{what:34} {impl:22} {best[k]:12,.0f} {cpu[k]:10.2f}  {rounds}")
     summary = {
         "bench": "mq",
         "messages": args.messages,
@@ -227,6 +246,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "publisher_msgs_s": round(best["mk_pub"]),
         "worker_vs_raw_ratio": round(best["mk_con"] / best["raw_con"], 3),
         "publish_vs_raw_ratio": round(best["mk_pub"] / best["raw_pub"], 3),
+        "raw_consume_cpu_us_per_msg": round(cpu["raw_con"], 2),
+        "worker_cpu_us_per_msg": round(cpu["mk_con"], 2),
+        "raw_publish_cpu_us_per_msg": round(cpu["raw_pub"], 2),
+        "publisher_cpu_us_per_msg": round(cpu["mk_pub"], 2),
         "loop": "uvloop" if _loop.uvloop_enabled() else "asyncio",
         "load": load(),
     }

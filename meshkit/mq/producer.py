@@ -14,8 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -45,9 +44,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Where the broker stored a published message."""
+class Delivery(NamedTuple):
+    """Where the broker stored a published message.
+
+    A named tuple rather than a frozen dataclass: one is made per delivery report, and
+    a frozen dataclass costs twice as much to build.
+    """
 
     topic: str
     partition: int
@@ -115,7 +117,9 @@ class Publisher:
         self._reports: deque[_Report] = deque()
         self._resolve_scheduled = False
         self._produced = 0
-        self._counters: dict[tuple[str, str], Any] = {}
+        #: (topic, outcome) → deliveries reported, summed into /metrics at scrape time
+        self.published_counts: dict[tuple[str, str], int] = {}
+        self.metrics.published.adopt(self, self.published_counts)
         self._closed = False
         self._start_lock = threading.Lock()
 
@@ -240,24 +244,25 @@ class Publisher:
         headers = headers if headers is not None else []
         span = start_producer_span(topic, key, headers)
         future: asyncio.Future[Delivery] = self._loop.create_future()
-        kwargs: dict[str, Any] = {}
-        if partition is not None:
-            kwargs["partition"] = partition
-
         reports = self._reports
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             reports.append((future, err, msg, span))
 
         try:
-            self._producer.produce(
-                topic,
-                payload,
-                key,
-                headers=cast(Any, headers or None),
-                on_delivery=on_delivery,
-                **kwargs,
-            )
+            if partition is None:
+                self._producer.produce(
+                    topic, payload, key, headers=cast(Any, headers or None), on_delivery=on_delivery
+                )
+            else:
+                self._producer.produce(
+                    topic,
+                    payload,
+                    key,
+                    partition=partition,
+                    headers=cast(Any, headers or None),
+                    on_delivery=on_delivery,
+                )
         except BufferError:
             end_producer_span(span, None, None, "buffer full")
             self.metrics.buffer_full.labels(topic).inc()
@@ -309,31 +314,24 @@ class Publisher:
         if batch:
             self._resolve(batch)
 
-    def _counter(self, topic: str, outcome: str) -> Any:
-        counter = self._counters.get((topic, outcome))
-        if counter is None:
-            counter = self._counters[(topic, outcome)] = self.metrics.published.labels(
-                topic, outcome
-            )
-        return counter
-
     def _resolve(self, reports: list[_Report]) -> None:
         self._pending -= len(reports)
         if self._pending == 0:
             self._idle.set()
         waiting = self._waiting
+        counts = self.published_counts
         for future, err, msg, span in reports:
             waiting.discard(future)
             topic = msg.topic() or "?"
             if err is not None:
-                self._counter(topic, "error").inc()
+                counts[(topic, "error")] = counts.get((topic, "error"), 0) + 1
                 end_producer_span(span, None, None, err.str())
                 if not future.done():
                     future.set_exception(
                         PublishError(f"broker did not take a message for {topic!r}: {err.str()}")
                     )
                 continue
-            self._counter(topic, "ok").inc()
+            counts[(topic, "ok")] = counts.get((topic, "ok"), 0) + 1
             partition, offset = msg.partition(), msg.offset()
             if span is not None:
                 end_producer_span(span, partition, offset, None)

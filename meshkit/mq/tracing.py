@@ -53,7 +53,8 @@ def start_producer_span(
     Without an SDK, the current context (if any) is injected and ``None`` returned.
     """
     if not recording():
-        if trace.get_current_span().get_span_context().is_valid:
+        # An empty context (the common case without tracing) has no span to inject.
+        if otel_context.get_current() and trace.get_current_span().get_span_context().is_valid:
             inject_kafka(headers)
         return None
     attributes: dict[str, Any] = {

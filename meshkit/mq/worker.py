@@ -11,7 +11,8 @@ How it keeps its promises:
   broker acknowledged that); the commit point per partition is the first offset not
   done (:class:`~meshkit.mq.offsets.PartitionState`), committed every
   ``commit_interval`` seconds, on revoke and on stop.
-* **Per-key order, bounded concurrency.** Messages wait in one queue per key; a key
+* **Per-key order, bounded concurrency.** Messages wait in one queue per key (made
+  only when a second message of the key arrives before the first finished); a key
   is handled by at most one of the ``concurrency`` runner tasks at a time, in fetch
   order, so messages with the same key are handled in order while different keys run
   concurrently, and a slow key holds up only itself. Keys take turns (one message,
@@ -47,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from . import headers as H
 from .context import MessageContext
 from .errors import ConfigError, DeadLetter, DecodeError, MqError
-from .metrics import ConsumerMetrics
+from .metrics import ConsumerMetrics, HandlerStats, HandlerTable
 from .offsets import PartitionState
 from .producer import Publisher
 from .retry import dlq_topic, retry_topic
@@ -114,37 +115,53 @@ def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int 
     return len(meta.partitions)
 
 
-_Entry = tuple[Message, PartitionState]
+#: a message ready to run: its key (``None`` for none), the message, its partition
+_Entry = tuple[bytes | None, Message, PartitionState]
 
 
 class _Runnable:
-    """Work for the runners: keys with queued messages, and messages without a key."""
+    """Work for the runners: at most one message per key is ready at a time."""
 
     __slots__ = ("by_key", "idle", "ready")
 
     def __init__(self) -> None:
-        #: key → its queued messages; present while the key is ready or being handled
-        self.by_key: dict[bytes, deque[_Entry]] = {}
-        #: keys (bytes) whose turn is coming, and unkeyed entries, in arrival order
-        self.ready: deque[bytes | _Entry] = deque()
+        #: key → messages queued behind the one ready or being handled (``None``: nothing
+        #: queued, the common case, so no deque is made); a key is present exactly while
+        #: one of its messages is ready or being handled
+        self.by_key: dict[bytes, deque[_Entry] | None] = {}
+        #: messages whose turn is coming (one per key, unkeyed ones freely), in order
+        self.ready: deque[_Entry] = deque()
         #: runners waiting for work
         self.idle: deque[asyncio.Future[None]] = deque()
 
-    def add(self, key: bytes | None, entry: _Entry) -> None:
-        if key is None:
-            self.ready.append(entry)
-        else:
-            queue = self.by_key.get(key)
-            if queue is not None:
-                queue.append(entry)  # the key is ready or being handled already
+    def add(self, entry: _Entry) -> None:
+        key = entry[0]
+        if key is not None:
+            by_key = self.by_key
+            if key in by_key:  # the key is ready or being handled: wait behind it
+                queue = by_key[key]
+                if queue is None:
+                    by_key[key] = deque((entry,))
+                else:
+                    queue.append(entry)
                 return
-            self.by_key[key] = deque((entry,))
-            self.ready.append(key)
-        while self.idle:
-            waiter = self.idle.popleft()
+            by_key[key] = None
+        self.ready.append(entry)
+        idle = self.idle
+        while idle:
+            waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def done(self, key: bytes) -> None:
+        """The message of ``key`` being handled finished: the key's next one (if any)
+        goes to the back of the line, so keys take turns."""
+        queue = self.by_key[key]
+        if queue:
+            self.ready.append(queue.popleft())
+        else:
+            del self.by_key[key]
 
 
 class Worker:
@@ -220,8 +237,15 @@ class Worker:
         self._publisher = publisher
         self._owns_publisher = publisher is None
         self.metrics = ConsumerMetrics.get(metrics_registry)
-        self._in_flight_gauge = self.metrics.in_flight.labels(group)
-        self._labels: dict[str, tuple[Any, ...]] = {}
+        self.metrics.track_in_flight(self)
+        #: handled/failed counts and latency per (group, topic), summed at scrape time
+        self.handler_stats: HandlerTable = {}
+        #: subscribed topic → its entry in handler_stats (shown as 0 before any message)
+        self._stats: dict[str, HandlerStats] = {
+            sub.topic: self.handler_stats.setdefault((group, sub.topic), HandlerStats())
+            for sub in subscriptions
+        }
+        self.metrics.handlers.adopt(self, self.handler_stats)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
@@ -232,7 +256,7 @@ class Worker:
         self._paused_all = False
         self._work = _Runnable()
         self._runners: list[asyncio.Task[None]] = []
-        self.in_flight = 0
+        self.in_flight = 0  # read by the in-flight gauge at scrape time
         self._capacity = asyncio.Event()
         self._progress = asyncio.Event()  # set each time a runner finishes a message
         self._background: set[asyncio.Future[Any]] = set()
@@ -403,6 +427,9 @@ class Worker:
     def _dispatch(self, messages: list[Message]) -> None:
         held_now: list[tuple[Message, float]] = []
         now_ms = time.time() * 1000
+        held, assigned, routes, states = self._held, self._assigned, self._routes, self._states
+        add = self._work.add
+        added = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -413,26 +440,27 @@ class Worker:
             topic: str = msg.topic()  # type: ignore[assignment]
             partition: int = msg.partition()  # type: ignore[assignment]
             key = (topic, partition)
-            if key in self._held:
+            if key in held:
                 continue  # waits for a retry that is not due: read again after the seek
-            if key not in self._assigned:
+            if key not in assigned:
                 continue  # fetched just before a revoke; the new owner reads it again
-            route = self._routes.get(topic)
+            route = routes.get(topic)
             if route is None:
                 continue
             if route[1] > 0:
                 due = _not_before(msg)
                 if due is not None and due > now_ms:
-                    self._held[key] = due  # at once, so no later batch slips past it
+                    held[key] = due  # at once, so no later batch slips past it
                     held_now.append((msg, due))
                     continue
-            state = self._states.get(key)
+            state = states.get(key)
             if state is None:
-                state = self._states[key] = PartitionState(topic, partition)
-            state.add(msg.offset())  # type: ignore[arg-type]
-            self.in_flight += 1
-            self._work.add(msg.key(), (msg, state))
-        self._in_flight_gauge.set(self.in_flight)
+                state = states[key] = PartitionState(topic, partition)
+            state.pending.append(msg.offset())  # type: ignore[arg-type]  # PartitionState.add
+            added += 1
+            add((msg.key(), msg, state))
+        # Runners only run after this returns, so counting once per batch is exact.
+        self.in_flight += added
         if held_now:
             self._spawn(self._hold(held_now))
 
@@ -650,53 +678,62 @@ class Worker:
     # -- handling (runners) ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        """One runner: takes a key's next message (or an unkeyed one) and handles it."""
+        """One runner: takes the next ready message and handles it."""
         assert self._loop is not None
         work = self._work
-        ready, by_key = work.ready, work.by_key
+        ready = work.ready
+        capacity, progress = self._capacity, self._progress
+        resume_below = self.max_buffered // 2
         while True:
             if not ready:
                 waiter = self._loop.create_future()
                 work.idle.append(waiter)
                 await waiter
                 continue
-            item = ready.popleft()
-            if isinstance(item, bytes):
-                key: bytes | None = item
-                queue = by_key[item]
-                msg, state = queue.popleft()
-            else:
-                key = None
-                msg, state = item
+            key, msg, state = ready.popleft()
             try:
                 if not state.revoked and await self._handle(msg, state):
                     state.finish(msg.offset())  # type: ignore[arg-type]
             finally:
                 if key is not None:
-                    if queue:
-                        ready.append(key)  # its next message waits for its turn
-                    else:
-                        del by_key[key]
+                    work.done(key)
                 self.in_flight -= 1
-                self._progress.set()
-                if self.in_flight <= self.max_buffered // 2 and not self._capacity.is_set():
-                    self._capacity.set()
-                if not ready:
-                    self._in_flight_gauge.set(self.in_flight)
-
-    def _labels_for(self, topic: str) -> tuple[Any, ...]:
-        labels = self._labels.get(topic)
-        if labels is None:
-            m = self.metrics
-            labels = self._labels[topic] = (
-                m.processed.labels(self.group, topic),
-                m.failed.labels(self.group, topic),
-                m.latency.labels(self.group, topic),
-            )
-        return labels
+                progress.set()
+                if self.in_flight <= resume_below and not capacity.is_set():
+                    capacity.set()
 
     async def _handle(self, msg: Message, state: PartitionState) -> bool:
-        """Run the handler with retries; ``True`` when the message is done with."""
+        """Run the handler with retries; ``True`` when the message is done with.
+
+        The common case (an ``async def`` handler without context, a message without
+        headers read from the subscribed topic, no tracing SDK) makes its first attempt
+        here; anything else, and any failure, goes through :meth:`_handle_full`.
+        """
+        sub, level = self._routes[msg.topic()]  # type: ignore[index]
+        if level or not sub.is_async or sub.wants_context or msg.headers() or recording():
+            return await self._handle_full(msg, state, None)
+        try:
+            assert sub.codec is not None
+            value = sub.codec.decode(msg.value())
+        except Exception:
+            return await self._handle_full(msg, state, None)  # poison: dead-lettered there
+        stats = self._stats[sub.topic]
+        start = time.perf_counter()
+        try:
+            await sub.handler(value)
+        except Exception as exc:
+            stats.observe(time.perf_counter() - start)
+            stats.failed += 1
+            return await self._handle_full(msg, state, exc)
+        stats.observe(time.perf_counter() - start)
+        stats.processed += 1
+        return True
+
+    async def _handle_full(
+        self, msg: Message, state: PartitionState, first_error: Exception | None
+    ) -> bool:
+        """:meth:`_handle` in full: ``first_error`` is how the first attempt (made by
+        :meth:`_handle`, already counted) failed, or ``None`` when none was made."""
         topic: str = msg.topic()  # type: ignore[assignment]
         partition: int = msg.partition()  # type: ignore[assignment]
         offset: int = msg.offset()  # type: ignore[assignment]
@@ -704,7 +741,7 @@ class Worker:
         raw_headers = msg.headers()
         text_headers = H.header_map(raw_headers) if raw_headers else {}
         prior = _int(text_headers.get(H.ATTEMPTS), 0) if level else 0
-        processed, failed, latency = self._labels_for(sub.topic)
+        stats = self._stats[sub.topic]
         try:
             assert sub.codec is not None
             value = sub.codec.decode(msg.value())
@@ -717,6 +754,17 @@ class Worker:
         policy = sub.retry
         error: BaseException | None = None
         for attempt in range(1, policy.attempts + 1):
+            if attempt == 1 and first_error is not None:
+                if isinstance(first_error, DeadLetter):
+                    return await self._dead_letter(
+                        msg, state, sub, first_error, prior + 1, "rejected"
+                    )
+                error = first_error
+                self._log_failure(topic, partition, offset, prior + attempt, first_error)
+                if attempt < policy.attempts:
+                    self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
+                    await asyncio.sleep(policy.backoff_for(attempt))
+                continue
             if state.revoked:
                 return False
             ctx = (
@@ -756,23 +804,15 @@ class Worker:
                     await self._loop.run_in_executor(None, context.run, sub.handler, *args)
             except DeadLetter as exc:
                 span.end(exc)
-                latency.observe(time.perf_counter() - start)
-                failed.inc()
+                stats.observe(time.perf_counter() - start)
+                stats.failed += 1
                 return await self._dead_letter(msg, state, sub, exc, prior + attempt, "rejected")
             except Exception as exc:
                 span.end(exc)
-                latency.observe(time.perf_counter() - start)
-                failed.inc()
+                stats.observe(time.perf_counter() - start)
+                stats.failed += 1
                 error = exc
-                log.warning(
-                    "handler failed",
-                    group=self.group,
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    attempt=prior + attempt,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                self._log_failure(topic, partition, offset, prior + attempt, exc)
                 if attempt < policy.attempts:
                     self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
                     await asyncio.sleep(policy.backoff_for(attempt))
@@ -781,14 +821,27 @@ class Worker:
                 span.end(exc)
                 raise
             span.end(None)
-            latency.observe(time.perf_counter() - start)
-            processed.inc()
+            stats.observe(time.perf_counter() - start)
+            stats.processed += 1
             return True
         assert error is not None
         attempts = prior + policy.attempts
         if level < len(policy.topic_delays):
             return await self._to_retry_topic(msg, state, sub, level + 1, error, attempts)
         return await self._dead_letter(msg, state, sub, error, attempts, "exhausted")
+
+    def _log_failure(
+        self, topic: str, partition: int, offset: int, attempt: int, exc: BaseException
+    ) -> None:
+        log.warning(
+            "handler failed",
+            group=self.group,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            attempt=attempt,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _moved_headers(
         self, msg: Message, sub: Subscription, error: BaseException, attempts: int

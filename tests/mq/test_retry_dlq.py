@@ -187,3 +187,64 @@ async def test_poison_and_rejected_go_straight_to_dlq_then_replay(
     assert len(replayed) == 2 and all(H.REPLAYED_AT in h for h in replayed)
     assert all(h[H.DEAD_LETTER_REASON] == "poison" for h in replayed)
     assert calls["good"] == 1
+
+
+async def test_context_free_handler_retries_rejects_and_dead_letters_the_same_way(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    """A handler without a context argument on a header-less message makes its first
+    attempt on the worker's fast path; a failure there continues exactly as in the full
+    path: in-place retry, retry topic, DLQ, DeadLetter and poison, with the same counts."""
+    calls: dict[str, int] = defaultdict(int)
+
+    async def handle(order: Order) -> None:
+        calls[order.id] += 1
+        if order.id == "flaky" and calls["flaky"] == 1:
+            raise RuntimeError("flaky once")
+        if order.id == "reject":
+            raise DeadLetter("unknown customer 7")
+        if order.id == "bad":
+            raise RuntimeError(f"always failing (call {calls['bad']})")
+
+    reg = CollectorRegistry()
+    broker.produce(
+        topic,
+        [
+            (key.encode(), Order(id=key, amount=1).model_dump_json().encode())
+            for key in ("flaky", "reject", "bad", "good")
+        ]
+        + [(b"poison", b"{not json")],
+    )
+    policy = RetryPolicy(attempts=2, backoff=0.01, topic_delays=(0.2,))
+    worker = _worker(broker, group, [Subscription(topic, handle, model=Order, retry=policy)], reg)
+    labels = {"group": group, "topic": topic}
+    await worker.start()
+    try:
+        await wait_until(
+            lambda: (
+                _sample(reg, "meshkit_mq_dead_lettered_total", **labels, reason="exhausted") == 1
+            ),
+            "the failing message dead-lettered",
+            limit=30,
+        )
+        await wait_until(lambda: _poison(reg, group, topic) == 1, "poison dead-lettered", limit=30)
+        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5)
+        moved = await asyncio.to_thread(broker.read_all, f"{topic}.retry.1", idle=0.3)
+    finally:
+        await worker.stop()
+    assert dict(calls) == {"flaky": 2, "reject": 1, "bad": 4, "good": 1}
+    by_key = {m.key(): H.header_map(m.headers()) for m in dlq}
+    assert set(by_key) == {b"reject", b"bad", b"poison"}
+    assert by_key[b"reject"][H.DEAD_LETTER_REASON] == "rejected"
+    assert by_key[b"reject"][H.ATTEMPTS] == "1"
+    assert by_key[b"bad"][H.DEAD_LETTER_REASON] == "exhausted"
+    assert by_key[b"bad"][H.ATTEMPTS] == "4"
+    assert by_key[b"bad"][H.ERROR] == "always failing (call 4)"
+    assert by_key[b"poison"][H.ATTEMPTS] == "0"
+    assert [H.header_map(m.headers())[H.ATTEMPTS] for m in moved] == ["2"]
+    assert _sample(reg, "meshkit_mq_failed_total", **labels) == 6
+    assert _sample(reg, "meshkit_mq_retried_total", **labels, stage="inplace") == 3
+    assert _sample(reg, "meshkit_mq_retried_total", **labels, stage="topic") == 1
+    assert _sample(reg, "meshkit_mq_dead_lettered_total", **labels, reason="rejected") == 1
+    assert _sample(reg, "meshkit_mq_processed_total", **labels) == 2
+    assert _sample(reg, "meshkit_mq_handler_seconds_count", **labels) == 8
