@@ -4,10 +4,18 @@ Measured here, the OpenTelemetry SDK spends 30 to 45 µs of CPU on one span with
 attributes (span object with locks, attribute validation on every set, self-metrics), on
 the event loop. For its own client and server spans meshkit asks the *same* provider what
 to do — its sampler, id generator, resource and span processors — but records the span in a
-small object of its own and hands the processors a standard ``ReadableSpan`` when it ends.
-To the processors and exporters nothing differs; to user code the span is an ordinary
-OpenTelemetry ``Span`` (``trace.get_current_span().set_attribute(...)`` in a handler
-works, and spans the application starts inside a call are its children).
+small object of its own. That object *is* a ``ReadableSpan`` (the SDK class, fields where
+the SDK keeps them), handed to the processors as it is when it ends: to processors and
+exporters nothing differs, and no copy is made per span. To user code the span is an
+ordinary OpenTelemetry ``Span`` (``trace.get_current_span().set_attribute(...)`` in a
+handler works, and spans the application starts inside a call are its children).
+
+With meshkit's own sampler and the SDK's random id generator (what meshkit installs),
+:meth:`FastRecorder.begin` decides without calling them: the root by the same trace-id
+ratio test as ``TraceIdRatioBased``, a child by its parent's sampled flag. Then a span the
+decision does not record costs an id, a ``SpanContext`` and a ``NonRecordingSpan``: the
+caller builds no attributes for it. Any other sampler or id generator is called as the SDK
+would call it.
 
 Used only with an SDK ``TracerProvider`` whose processor list can be reached
 (``_active_span_processor``, present in every SDK release this package allows); otherwise
@@ -16,6 +24,7 @@ the hook falls back to ``tracer.start_span``.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +32,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -41,23 +52,37 @@ _SCOPE = InstrumentationScope("meshkit")
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_NO_STATE = TraceState()
+_LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
+_getrandbits = random.getrandbits
+_new_context = tuple.__new__
 
 
-class FastSpan(trace.Span):
-    """A recording span that becomes a ``ReadableSpan`` for the processors when it ends."""
-
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_ended",
-        "_events",
-        "_name",
-        "_parent",
-        "_recorder",
-        "_start",
-        "_status",
-        "kind",
+def _span_context(
+    trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None
+) -> SpanContext:
+    # SpanContext(...) with ids known valid (non-zero, in range): the same tuple, built
+    # without its checks
+    return _new_context(  # type: ignore[no-any-return]
+        SpanContext, (trace_id, span_id, False, flags, state or _NO_STATE, True)
     )
+
+
+class FastSpan(ReadableSpan, trace.Span):
+    """A recording span that is itself the ``ReadableSpan`` the processors get when it ends.
+
+    The fields are those ``ReadableSpan`` reads (``_name``, ``_attributes``, …); the ones
+    every meshkit span shares are class attributes until a span sets its own.
+    """
+
+    _attributes: dict[str, Any]
+    _context: SpanContext
+    _events: Any = ()
+    _links: Sequence[trace.Link] = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_scope = _SCOPE
+    _instrumentation_info = None
 
     def __init__(
         self,
@@ -69,15 +94,13 @@ class FastSpan(trace.Span):
         attributes: dict[str, Any],
     ) -> None:
         self._recorder = recorder
+        self._resource = recorder.resource
         self._name = name
         self._context = context
         self._parent = parent
-        self.kind = kind
+        self._kind = kind
         self._attributes = attributes
-        self._events: list[Event] | None = None
-        self._status = _UNSET
-        self._start = time.time_ns()
-        self._ended = False
+        self._start_time = time.time_ns()
 
     # -- the opentelemetry.trace.Span interface ------------------------------------------
 
@@ -85,14 +108,14 @@ class FastSpan(trace.Span):
         return self._context
 
     def is_recording(self) -> bool:
-        return not self._ended
+        return self._end_time is None
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._attributes.update(attributes)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._attributes[key] = value
 
     def add_event(
@@ -101,18 +124,22 @@ class FastSpan(trace.Span):
         attributes: types.Attributes = None,
         timestamp: int | None = None,
     ) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
-        if self._events is None:
+        if not self._events:
             self._events = []
         self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end_time is None and context.is_valid:
+            self._links = [*self._links, trace.Link(context, attributes)]
+
     def update_name(self, name: str) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
@@ -137,32 +164,15 @@ class FastSpan(trace.Span):
         self.add_event("exception", event_attributes, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
-        self._ended = True
-        self._recorder.finish(self, end_time or time.time_ns())
-
-    # -- what processors that look at a started span read -----------------------------
+        self._end_time = end_time or time.time_ns()
+        self._recorder.processor.on_end(self)
 
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def context(self) -> SpanContext:
-        return self._context
-
-    @property
-    def parent(self) -> SpanContext | None:
-        return self._parent
-
-    @property
-    def attributes(self) -> Mapping[str, Any]:
+    def raw_attributes(self) -> dict[str, Any]:
+        """The attribute dict itself (``attributes`` is a read-only view, as in the SDK)."""
         return self._attributes
-
-    @property
-    def start_time(self) -> int:
-        return self._start
 
 
 class FastRecorder:
@@ -179,6 +189,47 @@ class FastRecorder:
         # meshkit's own sampler follows the parent: decided here without calling it
         self.parent_based = isinstance(self.sampler, MeshkitSampler)
         self.tail = bool(getattr(self.sampler, "tail", False))
+        #: begin() decides every span itself (root and child): meshkit's sampler and the
+        #: SDK's random ids, whose behaviour it reproduces exactly
+        self.inline = self.parent_based and type(self.ids) is RandomIdGenerator
+        ratio = getattr(self.sampler, "ratio", 1.0)
+        self._root_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+
+    def begin(self, parent: SpanContext | None) -> tuple[SpanContext, bool]:
+        """Only when :attr:`inline`: a new span's context under ``parent`` (a valid one,
+        or ``None`` for a root) and whether it is recorded."""
+        span_id = _getrandbits(64) or 1  # 0 is the invalid id (1 in 2**64)
+        if parent is not None:
+            sampled = parent.trace_flags.sampled
+            return (
+                _span_context(
+                    parent.trace_id,
+                    span_id,
+                    _SAMPLED if sampled else _NOT_SAMPLED,
+                    parent.trace_state,
+                ),
+                sampled or self.tail,
+            )
+        trace_id = _getrandbits(128) or 1
+        sampled = (trace_id & _LOW_64) < self._root_bound
+        return (
+            _span_context(trace_id, span_id, _SAMPLED if sampled else _NOT_SAMPLED, None),
+            sampled or self.tail,
+        )
+
+    def record(
+        self,
+        name: str,
+        kind: SpanKind,
+        span_context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, Any],
+        context: Context | None = None,
+    ) -> FastSpan:
+        """A recording span for a context :meth:`begin` returned (recorded)."""
+        span = FastSpan(self, name, span_context, parent, kind, attributes)
+        self.processor.on_start(span, parent_context=context)
+        return span
 
     def start(
         self,
@@ -189,11 +240,14 @@ class FastRecorder:
     ) -> trace.Span:
         """A started span (recording or not, as the sampler decides); not made current."""
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-        else:
+        if parent is None or not parent.is_valid:
             parent = None
-            trace_id = self.ids.generate_trace_id()
+        if self.inline:
+            span_context, recording = self.begin(parent)
+            if not recording:
+                return NonRecordingSpan(span_context)
+            return self.record(name, kind, span_context, parent, attributes, context)
+        trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
         trace_state: TraceState | None
         if parent is not None and self.parent_based:
             sampled = parent.trace_flags.sampled
@@ -215,27 +269,7 @@ class FastRecorder:
         )
         if not recording:
             return NonRecordingSpan(span_context)
-        span = FastSpan(self, name, span_context, parent, kind, attributes)
-        self.processor.on_start(span, parent_context=context)
-        return span
-
-    def finish(self, span: FastSpan, end_ns: int) -> None:
-        self.processor.on_end(
-            ReadableSpan(
-                name=span._name,
-                context=span._context,
-                parent=span._parent,
-                resource=self.resource,
-                attributes=span._attributes,
-                events=span._events or (),
-                links=(),
-                kind=span.kind,
-                status=span._status,
-                start_time=span._start,
-                end_time=end_ns,
-                instrumentation_scope=_SCOPE,
-            )
-        )
+        return self.record(name, kind, span_context, parent, attributes, context)
 
 
 def recorder_for(provider: object) -> FastRecorder | None:

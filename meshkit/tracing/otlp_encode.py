@@ -75,21 +75,45 @@ def _any_value(value: Any) -> bytes:
     return _T_STR + _varint(len(raw)) + raw
 
 
+# Encoded attribute fields by (field, key, type, value): meshkit's spans repeat most of
+# theirs (``rpc.service``, ``rpc.method``, ``meshkit.status_code``, peers, instances…).
+_pair_cache: dict[tuple[int, str, type, Any], bytes] = {}
+_PAIR_CACHE_MAX = 20000
+_CACHED_TYPES = (str, bool, int)
+
+
+def _pair(key: str, value: Any) -> bytes:
+    encoded_key = _key_cache.get(key)
+    if encoded_key is None:
+        raw = key.encode("utf-8", "replace")
+        encoded_key = _key_cache[key] = _TAGS[_KV_KEY] + _varint(len(raw)) + raw
+        if len(_key_cache) > 10000:
+            _key_cache.clear()
+    val = _any_value(value)
+    return encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
+
+
 def _attributes(field_tag: int, attributes: Any) -> bytes:
     if not attributes:
         return b""
     parts = []
     prefix = _TAGS[field_tag]
+    cache = _pair_cache
     for key, value in attributes.items():
-        encoded_key = _key_cache.get(key)
-        if encoded_key is None:
-            raw = key.encode("utf-8", "replace")
-            encoded_key = _key_cache[key] = _TAGS[_KV_KEY] + _varint(len(raw)) + raw
-            if len(_key_cache) > 10000:
-                _key_cache.clear()
-        val = _any_value(value)
-        kv = encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
-        parts.append(prefix + _varint(len(kv)) + kv)
+        kind = value.__class__
+        if kind in _CACHED_TYPES and (kind is not str or len(value) <= 256):
+            cache_key = (field_tag, key, kind, value)
+            field = cache.get(cache_key)
+            if field is None:
+                kv = _pair(key, value)
+                field = prefix + _varint(len(kv)) + kv
+                if len(cache) >= _PAIR_CACHE_MAX:
+                    cache.clear()
+                cache[cache_key] = field
+            parts.append(field)
+        else:
+            kv = _pair(key, value)
+            parts.append(prefix + _varint(len(kv)) + kv)
     return b"".join(parts)
 
 
@@ -111,7 +135,9 @@ def _span(span: ReadableSpan) -> bytes:
     out.append(b"\x30" + _varint(span.kind.value + 1))  # 6: kind (proto enum = SDK + 1)
     out.append(b"\x39" + _pack_q(span.start_time or 0))  # 7: fixed64 start
     out.append(b"\x41" + _pack_q(span.end_time or 0))  # 8: fixed64 end
-    out.append(_attributes(_tag(9, 2), span.attributes))
+    # meshkit's FastSpan: the dict itself rather than a read-only view of it
+    attributes = getattr(span, "raw_attributes", None)
+    out.append(_attributes(_tag(9, 2), span.attributes if attributes is None else attributes))
     for event in span.events:
         body = b"\x09" + _pack_q(event.timestamp) + _len_field(_tag(2, 2), event.name.encode())
         body += _attributes(_tag(3, 2), event.attributes)
