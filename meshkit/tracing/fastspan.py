@@ -77,12 +77,16 @@ class FastSpan(ReadableSpan, trace.Span):
 
     _attributes: dict[str, Any]
     _context: SpanContext
+    _start_time: int
     _events: Any = ()
     _links: Sequence[trace.Link] = ()
     _status = _UNSET
     _end_time: int | None = None
     _instrumentation_scope = _SCOPE
     _instrumentation_info = None
+    #: for a span recorded only for tail keeping: how to build the attributes it started
+    #: with, deferred until it is known to be kept (see FastRecorder.tail_unneeded)
+    deferred: Any = None
 
     def __init__(
         self,
@@ -194,6 +198,34 @@ class FastRecorder:
         self.inline = self.parent_based and type(self.ids) is RandomIdGenerator
         ratio = getattr(self.sampler, "ratio", 1.0)
         self._root_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        self._processors_seen: object = None
+        self._tail_rule: tuple[bool, int | None] | None = None
+
+    def tail_rule(self) -> tuple[bool, int | None] | None:
+        """When every processor is meshkit's export queue: what it keeps of an unsampled
+        span (errors?, slower than ns?); ``None`` when another processor may read it."""
+        processors = getattr(self.processor, "_span_processors", None)
+        if processors is not self._processors_seen:
+            from .export import ExportQueue
+
+            rule: tuple[bool, int | None] | None = None
+            if processors and all(type(p) is ExportQueue for p in processors):
+                slow = [p.slow_after_ns for p in processors if p.slow_after_ns is not None]
+                rule = (any(p.keep_errors for p in processors), min(slow) if slow else None)
+            self._tail_rule = rule
+            self._processors_seen = processors
+        return self._tail_rule
+
+    def tail_unneeded(self, span: FastSpan, error: bool) -> bool:
+        """Whether ``span``, unsampled and about to end, will be dropped by every processor
+        (so nothing will read its attributes)."""
+        rule = self.tail_rule()
+        if rule is None:
+            return False
+        keep_errors, slow_ns = rule
+        if keep_errors and (error or span._status.status_code is StatusCode.ERROR):
+            return False
+        return slow_ns is None or time.time_ns() - span._start_time < slow_ns
 
     def begin(self, parent: SpanContext | None) -> tuple[SpanContext, bool]:
         """Only when :attr:`inline`: a new span's context under ``parent`` (a valid one,

@@ -47,6 +47,47 @@ _ERROR = StatusCode.ERROR
 
 
 _EMPTY = otel_context.Context()
+
+
+def _context_var() -> tuple[Any, str] | None:
+    """The context variable behind OpenTelemetry's runtime context and the current-span
+    key, when it is the standard contextvars runtime (it always is unless
+    ``OTEL_PYTHON_CONTEXT`` names another): then a span is made current with one
+    ``ContextVar.set`` (what ``attach(set_span_in_context(span))`` does in six calls)."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    from opentelemetry.trace import propagation
+
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    key = getattr(propagation, "_SPAN_KEY", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(key, str):
+        return runtime._current_context, key
+    return None
+
+
+_FAST_CONTEXT = _context_var()
+
+
+def _make_current(span: Any, parent: Any = None) -> Any:
+    """``attach(set_span_in_context(span, parent))``: the token to detach with."""
+    if _FAST_CONTEXT is None:
+        return otel_context.attach(trace.set_span_in_context(span, parent))
+    var, key = _FAST_CONTEXT
+    values = dict(var.get() if parent is None else parent)
+    values[key] = span
+    return var.set(otel_context.Context(values))
+
+
+def _current_span_context() -> Any:
+    """``trace.get_current_span().get_span_context()``."""
+    if _FAST_CONTEXT is None:
+        return trace.get_current_span().get_span_context()
+    var, key = _FAST_CONTEXT
+    span = var.get().get(key)
+    if span is None or not isinstance(span, trace.Span):
+        return trace.INVALID_SPAN_CONTEXT
+    return span.get_span_context()
+
+
 _names: dict[tuple[str, str], str] = {}
 
 
@@ -153,23 +194,26 @@ class OTelHook:
         recorder = self._recorder
         if recorder is not None and recorder.inline:
             # decided before any attribute is built: an unrecorded span costs its ids
-            parent = trace.get_current_span().get_span_context()
+            parent = _current_span_context()
             span_context, recording = recorder.begin(parent if parent.is_valid else None)
             if recording:
+                lazy = not span_context.trace_flags.sampled and recorder.tail_rule() is not None
                 span = recorder.record(
                     _name(ctx.service, ctx.method),
                     _CLIENT,
                     span_context,
                     parent if parent.is_valid else None,
-                    _client_attributes(ctx, now),
+                    {} if lazy else _client_attributes(ctx, now),
                 )
+                if lazy:  # recorded for tail keeping only: attributes when it is kept
+                    span.deferred = (_client_attributes, now)
             else:
                 span = NonRecordingSpan(span_context)
         else:
             attributes = _client_attributes(ctx, now)
             span = self._start(_name(ctx.service, ctx.method), _CLIENT, attributes)
             span_context = span.get_span_context()
-        token = otel_context.attach(trace.set_span_in_context(span))
+        token = _make_current(span)
         w3c.inject(ctx.headers, span_context)
         return span, token
 
@@ -210,16 +254,19 @@ class OTelHook:
             # the usual case: a plain traceparent, no baggage, meshkit's sampler
             span_context, recording = recorder.begin(caller if caller.is_valid else None)
             if recording:
+                lazy = not span_context.trace_flags.sampled and recorder.tail_rule() is not None
                 span: Any = recorder.record(
                     _name(ctx.service, ctx.method),
                     _SERVER,
                     span_context,
                     caller if caller.is_valid else None,
-                    self._server_attributes(ctx, now),
+                    {} if lazy else self._server_attributes(ctx, now),
                 )
+                if lazy:
+                    span.deferred = (self._server_attributes, now)
             else:
                 span = NonRecordingSpan(span_context)
-            return span, otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+            return span, _make_current(span, _EMPTY)
         parent = w3c.extract(headers)
         span = self._start(
             _name(ctx.service, ctx.method), _SERVER, self._server_attributes(ctx, now), parent
@@ -258,12 +305,25 @@ class OTelHook:
                 span.end()
         finally:
             if token is not None:
-                otel_context.detach(token)
+                if _FAST_CONTEXT is None:
+                    otel_context.detach(token)
+                else:
+                    try:
+                        _FAST_CONTEXT[0].reset(token)
+                    except Exception:  # as opentelemetry.context.detach: say it, go on
+                        log.exception("Failed to detach context")
 
     @staticmethod
     def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
         # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
         own: dict[str, Any] | None = getattr(span, "raw_attributes", None)
+        deferred = getattr(span, "deferred", None)
+        if deferred is not None and own is not None:
+            span.deferred = None
+            if span._recorder.tail_unneeded(span, error is not None):
+                return  # dropped at its end whatever it holds
+            build, started = deferred
+            own.update({**build(ctx, started), **own})  # what the handler set wins
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
         if span.kind is _CLIENT:
