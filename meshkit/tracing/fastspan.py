@@ -85,7 +85,7 @@ class FastSpan(ReadableSpan, trace.Span):
     _instrumentation_scope = _SCOPE
     _instrumentation_info = None
     #: for a span recorded only for tail keeping: how to build the attributes it started
-    #: with, deferred until it is known to be kept (see FastRecorder.tail_unneeded)
+    #: with, deferred until it is known to be kept (FastRecorder.discard_if_unneeded)
     deferred: Any = None
 
     def __init__(
@@ -216,16 +216,21 @@ class FastRecorder:
             self._processors_seen = processors
         return self._tail_rule
 
-    def tail_unneeded(self, span: FastSpan, error: bool) -> bool:
-        """Whether ``span``, unsampled and about to end, will be dropped by every processor
-        (so nothing will read its attributes)."""
+    def discard_if_unneeded(self, span: FastSpan, error: bool) -> bool:
+        """End ``span`` (unsampled, ending) *without* telling the processors when every one
+        of them would drop it (meshkit's export queue: neither an error nor slow); ``True``
+        when it did. Its attributes are then never read."""
         rule = self.tail_rule()
         if rule is None:
             return False
         keep_errors, slow_ns = rule
         if keep_errors and (error or span._status.status_code is StatusCode.ERROR):
             return False
-        return slow_ns is None or time.time_ns() - span._start_time < slow_ns
+        now = time.time_ns()
+        if slow_ns is not None and now - span._start_time >= slow_ns:
+            return False
+        span._end_time = now
+        return True
 
     def begin(self, parent: SpanContext | None) -> tuple[SpanContext, bool]:
         """Only when :attr:`inline`: a new span's context under ``parent`` (a valid one,
@@ -260,7 +265,9 @@ class FastRecorder:
     ) -> FastSpan:
         """A recording span for a context :meth:`begin` returned (recorded)."""
         span = FastSpan(self, name, span_context, parent, kind, attributes)
-        self.processor.on_start(span, parent_context=context)
+        if span_context[3] or self.tail_rule() is None:
+            # (meshkit's export queue, the only processor otherwise, ignores span starts)
+            self.processor.on_start(span, parent_context=context)
         return span
 
     def start(

@@ -320,8 +320,8 @@ class OTelHook:
         deferred = getattr(span, "deferred", None)
         if deferred is not None and own is not None:
             span.deferred = None
-            if span._recorder.tail_unneeded(span, error is not None):
-                return  # dropped at its end whatever it holds
+            if span._recorder.discard_if_unneeded(span, error is not None):
+                return  # ended: every processor would have dropped it
             build, started = deferred
             own.update({**build(ctx, started), **own})  # what the handler set wins
         attributes: dict[str, Any] = {} if own is None else own

@@ -233,3 +233,34 @@ async def test_unsampled_spans_keep_their_attributes_for_another_processor() -> 
     (server,) = [s for s in spans if s.kind.name == "SERVER"]
     assert server.attributes["user.note"] == "a"
     provider.shutdown()
+
+
+async def test_unsampled_slow_calls_are_kept_whole() -> None:
+    exporter = InMemorySpanExporter()
+    settings = TraceSettings(sample=0.0, slow_ms=10)
+    provider = build_provider(settings, exporter=exporter, metrics_registry=CollectorRegistry())
+    hook = OTelHook(tracer_provider=provider)
+    svc = Service(
+        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
+    )
+    svc.implement(EchoImpl())
+    await svc.start(port=0, health_port=0)
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{svc.port}",
+            tracer=hook,
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            assert await client.slow(30) == 30  # ≥ 30 ms on both sides: slow
+    finally:
+        await svc.stop(drain_timeout=1.0)
+    provider.force_flush()
+    spans: list[Any] = list(exporter.get_finished_spans())
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    for span in spans:
+        assert span.attributes["meshkit.kept"] == "slow"
+        assert span.attributes["rpc.method"] == "slow"
+        assert span.attributes["meshkit.status_code"] == "OK"
+    provider.shutdown()
