@@ -44,6 +44,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 __all__ = ["FastRecorder", "FastSpan", "recorder_for"]
@@ -52,20 +53,10 @@ _SCOPE = InstrumentationScope("meshkit")
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_NO_STATE = TraceState()
+_NO_STATE = DEFAULT_TRACE_STATE
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
 _getrandbits = random.getrandbits
 _new_context = tuple.__new__
-
-
-def _span_context(
-    trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None
-) -> SpanContext:
-    # SpanContext(...) with ids known valid (non-zero, in range): the same tuple, built
-    # without its checks
-    return _new_context(  # type: ignore[no-any-return]
-        SpanContext, (trace_id, span_id, False, flags, state or _NO_STATE, True)
-    )
 
 
 class FastSpan(ReadableSpan, trace.Span):
@@ -237,20 +228,30 @@ class FastRecorder:
         or ``None`` for a root) and whether it is recorded."""
         span_id = _getrandbits(64) or 1  # 0 is the invalid id (1 in 2**64)
         if parent is not None:
-            sampled = parent.trace_flags.sampled
+            # SpanContext fields by index (its properties are Python calls): 0 trace id,
+            # 3 flags, 4 trace state
+            sampled = parent[3] & 1
             return (
-                _span_context(
-                    parent.trace_id,
-                    span_id,
-                    _SAMPLED if sampled else _NOT_SAMPLED,
-                    parent.trace_state,
+                _new_context(
+                    SpanContext,
+                    (
+                        parent[0],
+                        span_id,
+                        False,
+                        _SAMPLED if sampled else _NOT_SAMPLED,
+                        parent[4],
+                        True,
+                    ),
                 ),
-                sampled or self.tail,
+                bool(sampled) or self.tail,
             )
         trace_id = _getrandbits(128) or 1
         sampled = (trace_id & _LOW_64) < self._root_bound
         return (
-            _span_context(trace_id, span_id, _SAMPLED if sampled else _NOT_SAMPLED, None),
+            _new_context(
+                SpanContext,
+                (trace_id, span_id, False, _SAMPLED if sampled else _NOT_SAMPLED, _NO_STATE, True),
+            ),
             sampled or self.tail,
         )
 

@@ -195,14 +195,16 @@ class OTelHook:
         if recorder is not None and recorder.inline:
             # decided before any attribute is built: an unrecorded span costs its ids
             parent = _current_span_context()
-            span_context, recording = recorder.begin(parent if parent.is_valid else None)
+            if not parent[5]:  # is_valid
+                parent = None
+            span_context, recording = recorder.begin(parent)
             if recording:
-                lazy = not span_context.trace_flags.sampled and recorder.tail_rule() is not None
+                lazy = not span_context[3] and recorder.tail_rule() is not None
                 span = recorder.record(
                     _name(ctx.service, ctx.method),
                     _CLIENT,
                     span_context,
-                    parent if parent.is_valid else None,
+                    parent,
                     {} if lazy else _client_attributes(ctx, now),
                 )
                 if lazy:  # recorded for tail keeping only: attributes when it is kept
@@ -252,14 +254,16 @@ class OTelHook:
         caller = w3c.extract_span_context(headers)
         if caller is not None and recorder is not None and recorder.inline:
             # the usual case: a plain traceparent, no baggage, meshkit's sampler
-            span_context, recording = recorder.begin(caller if caller.is_valid else None)
+            if not caller[5]:  # is_valid
+                caller = None
+            span_context, recording = recorder.begin(caller)
             if recording:
-                lazy = not span_context.trace_flags.sampled and recorder.tail_rule() is not None
+                lazy = not span_context[3] and recorder.tail_rule() is not None
                 span: Any = recorder.record(
                     _name(ctx.service, ctx.method),
                     _SERVER,
                     span_context,
-                    caller if caller.is_valid else None,
+                    caller,
                     {} if lazy else self._server_attributes(ctx, now),
                 )
                 if lazy:
@@ -299,7 +303,7 @@ class OTelHook:
             return
         span, token = handle
         try:
-            if span is not None:
+            if span is not None and type(span) is not NonRecordingSpan:  # (nothing to end)
                 if span.is_recording():
                     self._finish(span, ctx, error)
                 span.end()

@@ -17,6 +17,7 @@ from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
@@ -26,6 +27,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 __all__ = ["extract", "extract_span_context", "inject", "uses_default_propagators"]
 
@@ -34,6 +36,9 @@ _baggage = W3CBaggagePropagator()
 # version 00, lower-case hex ids and flags, nothing after (other shapes: the propagator)
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})").fullmatch
 _BAGGAGE_KEY = getattr(baggage, "_BAGGAGE_KEY", None)
+_runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+# the standard contextvars runtime's variable (see meshkit.tracing.otel._context_var)
+_CONTEXT_VAR = _runtime._current_context if type(_runtime) is ContextVarsRuntimeContext else None
 
 
 def _current_baggage() -> object:
@@ -41,11 +46,14 @@ def _current_baggage() -> object:
     wraps it in a new read-only mapping: a dict look-up is enough to know)."""
     if _BAGGAGE_KEY is None:
         return baggage.get_all()
+    if _CONTEXT_VAR is not None:
+        return _CONTEXT_VAR.get().get(_BAGGAGE_KEY)
     return otel_context.get_value(_BAGGAGE_KEY)
 
 
 _FLAGS = {n: TraceFlags(n) for n in range(256)}
-_NO_STATE = TraceState()
+_new_context = tuple.__new__
+_NO_STATE = DEFAULT_TRACE_STATE
 
 
 def uses_default_propagators() -> bool:
@@ -69,15 +77,16 @@ def inject(headers: MutableMapping[str, str], span_context: SpanContext) -> None
     if not uses_default_propagators():
         propagate.inject(headers)
         return
-    if span_context.is_valid:
+    if span_context[5]:  # is_valid (SpanContext fields by index: properties are calls)
         # trace id, span id, flags: the SpanContext tuple's fields 0, 1 and 3
         headers["traceparent"] = "00-%032x-%016x-%02x" % (  # noqa: UP031 (the fastest)
             span_context[0],
             span_context[1],
             span_context[3] & 0xFF,
         )
-        if span_context.trace_state:
-            headers["tracestate"] = span_context.trace_state.to_header()
+        state = span_context[4]
+        if state is not _NO_STATE and state:
+            headers["tracestate"] = state.to_header()
     if _current_baggage():
         _baggage.inject(headers)
 
@@ -104,12 +113,10 @@ def extract_span_context(headers: Mapping[str, str]) -> SpanContext | None:
     if trace_id == 0 or span_id == 0:
         return None
     state_header = headers.get("tracestate")
-    return SpanContext(
-        trace_id,
-        span_id,
-        is_remote=True,
-        trace_flags=_FLAGS[int(flags_hex, 16)],
-        trace_state=TraceState.from_header([state_header]) if state_header else _NO_STATE,
+    state = TraceState.from_header([state_header]) if state_header else _NO_STATE
+    # SpanContext(...) with ids known valid (non-zero, 128 and 64 bits): the same tuple
+    return _new_context(  # type: ignore[no-any-return]
+        SpanContext, (trace_id, span_id, True, _FLAGS[int(flags_hex, 16)], state, True)
     )
 
 
