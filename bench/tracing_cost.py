@@ -6,7 +6,8 @@
                                                                  # 3N, difference / 2N
 
 A meshkit echo Service and a meshkit Client share one event loop and call each other
-``--calls`` times, one call at a time (no concurrency: the same code path every call).
+``--calls`` times, one call at a time by default (the same code path every call;
+``--concurrency`` for more in flight).
 Tracing modes are those of ``bench/tracing.py``; spans go through meshkit's export queue
 to an exporter that *encodes* each batch (the OTLP bytes the real exporter would post)
 and discards it, and the queue is flushed before the process ends, so encoding is counted
@@ -21,6 +22,7 @@ printed with ratios to ``off``; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -62,7 +64,9 @@ class EncodingSink:
         return True
 
 
-def run_mode(mode: str, calls: int, warmup: int) -> dict[str, float]:
+def run_mode(
+    mode: str, calls: int, warmup: int, concurrency: int = 1, export_to: str | None = None
+) -> dict[str, float]:
     """Set up ``mode``, make ``calls`` calls after ``warmup``; CPU seconds and spans."""
     import thriftpy2
     from opentelemetry import trace
@@ -76,9 +80,14 @@ def run_mode(mode: str, calls: int, warmup: int) -> dict[str, float]:
     sink = EncodingSink()
     provider: Any = None
     if MODES[mode]:
+        exporter: Any = sink
+        if export_to:
+            from meshkit.tracing.otlp_encode import OtlpHttpExporter
+
+            exporter = OtlpHttpExporter(export_to)
         provider = build_provider(
             TraceSettings(sample=MODES[mode]["sample"], tail=MODES[mode]["tail"]),
-            exporter=sink,  # type: ignore[arg-type]
+            exporter=exporter,
             service="bench-echo",
             metrics_registry=CollectorRegistry(),
         )
@@ -115,8 +124,13 @@ def run_mode(mode: str, calls: int, warmup: int) -> dict[str, float]:
                     provider.force_flush()
                 spans0 = sink.spans
                 cpu0 = time.process_time()
-                for _ in range(calls):
-                    await client.echo(message)
+
+                async def worker(n: int) -> None:
+                    for _ in range(n):
+                        await client.echo(message)
+
+                share, extra = divmod(calls, concurrency)
+                await asyncio.gather(*(worker(share + (i < extra)) for i in range(concurrency)))
                 if provider is not None:
                     provider.force_flush()
                 cpu = time.process_time() - cpu0
@@ -135,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--export-to", help="an OTLP/HTTP URL: export there instead of encoding only")
+    ap.add_argument("--concurrency", type=int, default=1, help="calls in flight (1: one at a time)")
     args = ap.parse_args(argv)
     if args.mode:
-        result = run_mode(args.mode, args.calls, args.warmup)
+        result = run_mode(args.mode, args.calls, args.warmup, args.concurrency, args.export_to)
         print(json.dumps({"mode": args.mode, "calls": args.calls, **result}))
         return 0
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     spans: dict[str, float] = {}
     for _ in range(args.rounds):
         for mode in MODES:
-            result = run_mode(mode, args.calls, args.warmup)
+            result = run_mode(mode, args.calls, args.warmup, args.concurrency, args.export_to)
             per_call[mode].append(result["cpu_s"] / args.calls * 1e6)
             spans[mode] = result["spans"] / args.calls
     medians = {m: statistics.median(v) for m, v in per_call.items()}
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": " ".join(load),
         "calls": args.calls,
         "rounds": args.rounds,
+        "concurrency": args.concurrency,
         **{f"{m}_cpu_us_per_call": round(v, 1) for m, v in medians.items()},
         **{
             f"{m}_extra_us_per_call": round(medians[m] - medians["off"], 1)

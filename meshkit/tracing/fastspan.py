@@ -162,7 +162,11 @@ class FastSpan(ReadableSpan, trace.Span):
         if self._end_time is not None:
             return
         self._end_time = end_time or time.time_ns()
-        self._recorder.processor.on_end(self)
+        recorder = self._recorder
+        if recorder.tail_rule() is not None and len(recorder.processors) == 1:
+            recorder.processors[0].on_end(self)  # meshkit's export queue, directly
+        else:
+            recorder.processor.on_end(self)
 
     @property
     def raw_attributes(self) -> dict[str, Any]:
@@ -190,6 +194,7 @@ class FastRecorder:
         ratio = getattr(self.sampler, "ratio", 1.0)
         self._root_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
         self._processors_seen: object = None
+        self.processors: tuple[Any, ...] = ()
         self._tail_rule: tuple[bool, int | None] | None = None
 
     def tail_rule(self) -> tuple[bool, int | None] | None:
@@ -197,6 +202,7 @@ class FastRecorder:
         span (errors?, slower than ns?); ``None`` when another processor may read it."""
         processors = getattr(self.processor, "_span_processors", None)
         if processors is not self._processors_seen:
+            self.processors = processors or ()
             from .export import ExportQueue
 
             rule: tuple[bool, int | None] | None = None
@@ -266,8 +272,8 @@ class FastRecorder:
     ) -> FastSpan:
         """A recording span for a context :meth:`begin` returned (recorded)."""
         span = FastSpan(self, name, span_context, parent, kind, attributes)
-        if span_context[3] or self.tail_rule() is None:
-            # (meshkit's export queue, the only processor otherwise, ignores span starts)
+        if self.tail_rule() is None:
+            # (meshkit's export queue, when it is the only processor, ignores span starts)
             self.processor.on_start(span, parent_context=context)
         return span
 

@@ -330,13 +330,15 @@ class OTelHook:
             own.update({**build(ctx, started), **own})  # what the handler set wins
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
-        if span.kind is _CLIENT:
+        if (span._kind if own is not None else span.kind) is _CLIENT:
             if ctx.peer:
                 attributes["net.peer.name"] = ctx.peer
             endpoint = ctx.endpoint
             if endpoint is not None and endpoint.instance_id:
                 attributes["meshkit.instance"] = endpoint.instance_id
-            if "meshkit.attempt" not in attributes and "meshkit.attempt" not in span.attributes:
+            if "meshkit.attempt" not in attributes and (
+                own is not None or "meshkit.attempt" not in span.attributes
+            ):
                 attributes["meshkit.attempts"] = ctx.attempt + 1
             extras = ctx.extras
             if extras:
