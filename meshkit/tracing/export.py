@@ -142,7 +142,7 @@ class ExportQueue(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context.trace_flags.sampled:
+        if not span.context[3] & 1:  # SpanContext.trace_flags.sampled, without 2 calls
             reason = self._tail_reason(span)
             if reason is None:
                 return
@@ -178,14 +178,20 @@ class ExportQueue(SpanProcessor):
 
     def _run(self) -> None:
         while not self._stopped:
-            self._wake.wait(self.delay)
+            # woken by a full batch: export full batches only (the spans that arrived
+            # while one was sent wait for the next); every ``delay``: everything
+            full = self._wake.wait(self.delay)
             self._wake.clear()
-            self._drain()
+            self._drain(full_only=full)
 
-    def _drain(self) -> None:
+    def _drain(self, *, full_only: bool = False) -> None:
+        # Sending a batch costs about a millisecond of CPU whatever its size (HTTP), and
+        # under load spans keep arriving while one is sent: draining to empty would send
+        # a trickle of tiny batches, several times the CPU per span of full ones.
         with self._export_lock:
             queue = self._queue
-            while queue:
+            least = self.max_batch if full_only else 1
+            while len(queue) >= least:
                 batch: list[ReadableSpan] = []
                 while queue and len(batch) < self.max_batch:
                     batch.append(queue.popleft())

@@ -4,10 +4,18 @@ Measured here, the OpenTelemetry SDK spends 30 to 45 µs of CPU on one span with
 attributes (span object with locks, attribute validation on every set, self-metrics), on
 the event loop. For its own client and server spans meshkit asks the *same* provider what
 to do — its sampler, id generator, resource and span processors — but records the span in a
-small object of its own and hands the processors a standard ``ReadableSpan`` when it ends.
-To the processors and exporters nothing differs; to user code the span is an ordinary
-OpenTelemetry ``Span`` (``trace.get_current_span().set_attribute(...)`` in a handler
-works, and spans the application starts inside a call are its children).
+small object of its own. That object *is* a ``ReadableSpan`` (the SDK class, fields where
+the SDK keeps them), handed to the processors as it is when it ends: to processors and
+exporters nothing differs, and no copy is made per span. To user code the span is an
+ordinary OpenTelemetry ``Span`` (``trace.get_current_span().set_attribute(...)`` in a
+handler works, and spans the application starts inside a call are its children).
+
+With meshkit's own sampler and the SDK's random id generator (what meshkit installs),
+:meth:`FastRecorder.begin` decides without calling them: the root by the same trace-id
+ratio test as ``TraceIdRatioBased``, a child by its parent's sampled flag. Then a span the
+decision does not record costs an id, a ``SpanContext`` and a ``NonRecordingSpan``: the
+caller builds no attributes for it. Any other sampler or id generator is called as the SDK
+would call it.
 
 Used only with an SDK ``TracerProvider`` whose processor list can be reached
 (``_active_span_processor``, present in every SDK release this package allows); otherwise
@@ -16,6 +24,7 @@ the hook falls back to ``tracer.start_span``.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +32,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -33,6 +44,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 __all__ = ["FastRecorder", "FastSpan", "recorder_for"]
@@ -41,23 +53,31 @@ _SCOPE = InstrumentationScope("meshkit")
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_NO_STATE = DEFAULT_TRACE_STATE
+_LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
+_getrandbits = random.getrandbits
+_new_context = tuple.__new__
 
 
-class FastSpan(trace.Span):
-    """A recording span that becomes a ``ReadableSpan`` for the processors when it ends."""
+class FastSpan(ReadableSpan, trace.Span):
+    """A recording span that is itself the ``ReadableSpan`` the processors get when it ends.
 
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_ended",
-        "_events",
-        "_name",
-        "_parent",
-        "_recorder",
-        "_start",
-        "_status",
-        "kind",
-    )
+    The fields are those ``ReadableSpan`` reads (``_name``, ``_attributes``, …); the ones
+    every meshkit span shares are class attributes until a span sets its own.
+    """
+
+    _attributes: dict[str, Any]
+    _context: SpanContext
+    _start_time: int
+    _events: Any = ()
+    _links: Sequence[trace.Link] = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_scope = _SCOPE
+    _instrumentation_info = None
+    #: for a span recorded only for tail keeping: how to build the attributes it started
+    #: with, deferred until it is known to be kept (FastRecorder.discard_if_unneeded)
+    deferred: Any = None
 
     def __init__(
         self,
@@ -69,15 +89,13 @@ class FastSpan(trace.Span):
         attributes: dict[str, Any],
     ) -> None:
         self._recorder = recorder
+        self._resource = recorder.resource
         self._name = name
         self._context = context
         self._parent = parent
-        self.kind = kind
+        self._kind = kind
         self._attributes = attributes
-        self._events: list[Event] | None = None
-        self._status = _UNSET
-        self._start = time.time_ns()
-        self._ended = False
+        self._start_time = time.time_ns()
 
     # -- the opentelemetry.trace.Span interface ------------------------------------------
 
@@ -85,14 +103,14 @@ class FastSpan(trace.Span):
         return self._context
 
     def is_recording(self) -> bool:
-        return not self._ended
+        return self._end_time is None
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._attributes.update(attributes)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._attributes[key] = value
 
     def add_event(
@@ -101,18 +119,22 @@ class FastSpan(trace.Span):
         attributes: types.Attributes = None,
         timestamp: int | None = None,
     ) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
-        if self._events is None:
+        if not self._events:
             self._events = []
         self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end_time is None and context.is_valid:
+            self._links = [*self._links, trace.Link(context, attributes)]
+
     def update_name(self, name: str) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
@@ -137,32 +159,19 @@ class FastSpan(trace.Span):
         self.add_event("exception", event_attributes, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
-        self._ended = True
-        self._recorder.finish(self, end_time or time.time_ns())
-
-    # -- what processors that look at a started span read -----------------------------
-
-    @property
-    def name(self) -> str:
-        return self._name
+        self._end_time = end_time or time.time_ns()
+        recorder = self._recorder
+        if recorder.tail_rule() is not None and len(recorder.processors) == 1:
+            recorder.processors[0].on_end(self)  # meshkit's export queue, directly
+        else:
+            recorder.processor.on_end(self)
 
     @property
-    def context(self) -> SpanContext:
-        return self._context
-
-    @property
-    def parent(self) -> SpanContext | None:
-        return self._parent
-
-    @property
-    def attributes(self) -> Mapping[str, Any]:
+    def raw_attributes(self) -> dict[str, Any]:
+        """The attribute dict itself (``attributes`` is a read-only view, as in the SDK)."""
         return self._attributes
-
-    @property
-    def start_time(self) -> int:
-        return self._start
 
 
 class FastRecorder:
@@ -179,6 +188,94 @@ class FastRecorder:
         # meshkit's own sampler follows the parent: decided here without calling it
         self.parent_based = isinstance(self.sampler, MeshkitSampler)
         self.tail = bool(getattr(self.sampler, "tail", False))
+        #: begin() decides every span itself (root and child): meshkit's sampler and the
+        #: SDK's random ids, whose behaviour it reproduces exactly
+        self.inline = self.parent_based and type(self.ids) is RandomIdGenerator
+        ratio = getattr(self.sampler, "ratio", 1.0)
+        self._root_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        self._processors_seen: object = None
+        self.processors: tuple[Any, ...] = ()
+        self._tail_rule: tuple[bool, int | None] | None = None
+
+    def tail_rule(self) -> tuple[bool, int | None] | None:
+        """When every processor is meshkit's export queue: what it keeps of an unsampled
+        span (errors?, slower than ns?); ``None`` when another processor may read it."""
+        processors = getattr(self.processor, "_span_processors", None)
+        if processors is not self._processors_seen:
+            self.processors = processors or ()
+            from .export import ExportQueue
+
+            rule: tuple[bool, int | None] | None = None
+            if processors and all(type(p) is ExportQueue for p in processors):
+                slow = [p.slow_after_ns for p in processors if p.slow_after_ns is not None]
+                rule = (any(p.keep_errors for p in processors), min(slow) if slow else None)
+            self._tail_rule = rule
+            self._processors_seen = processors
+        return self._tail_rule
+
+    def discard_if_unneeded(self, span: FastSpan, error: bool) -> bool:
+        """End ``span`` (unsampled, ending) *without* telling the processors when every one
+        of them would drop it (meshkit's export queue: neither an error nor slow); ``True``
+        when it did. Its attributes are then never read."""
+        rule = self.tail_rule()
+        if rule is None:
+            return False
+        keep_errors, slow_ns = rule
+        if keep_errors and (error or span._status.status_code is StatusCode.ERROR):
+            return False
+        now = time.time_ns()
+        if slow_ns is not None and now - span._start_time >= slow_ns:
+            return False
+        span._end_time = now
+        return True
+
+    def begin(self, parent: SpanContext | None) -> tuple[SpanContext, bool]:
+        """Only when :attr:`inline`: a new span's context under ``parent`` (a valid one,
+        or ``None`` for a root) and whether it is recorded."""
+        span_id = _getrandbits(64) or 1  # 0 is the invalid id (1 in 2**64)
+        if parent is not None:
+            # SpanContext fields by index (its properties are Python calls): 0 trace id,
+            # 3 flags, 4 trace state
+            sampled = parent[3] & 1
+            return (
+                _new_context(
+                    SpanContext,
+                    (
+                        parent[0],
+                        span_id,
+                        False,
+                        _SAMPLED if sampled else _NOT_SAMPLED,
+                        parent[4],
+                        True,
+                    ),
+                ),
+                bool(sampled) or self.tail,
+            )
+        trace_id = _getrandbits(128) or 1
+        sampled = (trace_id & _LOW_64) < self._root_bound
+        return (
+            _new_context(
+                SpanContext,
+                (trace_id, span_id, False, _SAMPLED if sampled else _NOT_SAMPLED, _NO_STATE, True),
+            ),
+            sampled or self.tail,
+        )
+
+    def record(
+        self,
+        name: str,
+        kind: SpanKind,
+        span_context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, Any],
+        context: Context | None = None,
+    ) -> FastSpan:
+        """A recording span for a context :meth:`begin` returned (recorded)."""
+        span = FastSpan(self, name, span_context, parent, kind, attributes)
+        if self.tail_rule() is None:
+            # (meshkit's export queue, when it is the only processor, ignores span starts)
+            self.processor.on_start(span, parent_context=context)
+        return span
 
     def start(
         self,
@@ -189,11 +286,14 @@ class FastRecorder:
     ) -> trace.Span:
         """A started span (recording or not, as the sampler decides); not made current."""
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-        else:
+        if parent is None or not parent.is_valid:
             parent = None
-            trace_id = self.ids.generate_trace_id()
+        if self.inline:
+            span_context, recording = self.begin(parent)
+            if not recording:
+                return NonRecordingSpan(span_context)
+            return self.record(name, kind, span_context, parent, attributes, context)
+        trace_id = parent.trace_id if parent is not None else self.ids.generate_trace_id()
         trace_state: TraceState | None
         if parent is not None and self.parent_based:
             sampled = parent.trace_flags.sampled
@@ -215,27 +315,7 @@ class FastRecorder:
         )
         if not recording:
             return NonRecordingSpan(span_context)
-        span = FastSpan(self, name, span_context, parent, kind, attributes)
-        self.processor.on_start(span, parent_context=context)
-        return span
-
-    def finish(self, span: FastSpan, end_ns: int) -> None:
-        self.processor.on_end(
-            ReadableSpan(
-                name=span._name,
-                context=span._context,
-                parent=span._parent,
-                resource=self.resource,
-                attributes=span._attributes,
-                events=span._events or (),
-                links=(),
-                kind=span.kind,
-                status=span._status,
-                start_time=span._start,
-                end_time=end_ns,
-                instrumentation_scope=_SCOPE,
-            )
-        )
+        return self.record(name, kind, span_context, parent, attributes, context)
 
 
 def recorder_for(provider: object) -> FastRecorder | None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
 
 from ..errors import ConfigError, MeshkitError
 from . import provider as _provider
@@ -44,6 +44,74 @@ _warned: set[str] = set()
 _CLIENT = SpanKind.CLIENT
 _SERVER = SpanKind.SERVER
 _ERROR = StatusCode.ERROR
+
+
+_EMPTY = otel_context.Context()
+
+
+def _context_var() -> tuple[Any, str] | None:
+    """The context variable behind OpenTelemetry's runtime context and the current-span
+    key, when it is the standard contextvars runtime (it always is unless
+    ``OTEL_PYTHON_CONTEXT`` names another): then a span is made current with one
+    ``ContextVar.set`` (what ``attach(set_span_in_context(span))`` does in six calls)."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    from opentelemetry.trace import propagation
+
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    key = getattr(propagation, "_SPAN_KEY", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(key, str):
+        return runtime._current_context, key
+    return None
+
+
+_FAST_CONTEXT = _context_var()
+
+
+def _make_current(span: Any, parent: Any = None) -> Any:
+    """``attach(set_span_in_context(span, parent))``: the token to detach with."""
+    if _FAST_CONTEXT is None:
+        return otel_context.attach(trace.set_span_in_context(span, parent))
+    var, key = _FAST_CONTEXT
+    values = dict(var.get() if parent is None else parent)
+    values[key] = span
+    return var.set(otel_context.Context(values))
+
+
+def _current_span_context() -> Any:
+    """``trace.get_current_span().get_span_context()``."""
+    if _FAST_CONTEXT is None:
+        return trace.get_current_span().get_span_context()
+    var, key = _FAST_CONTEXT
+    span = var.get().get(key)
+    if span is None or not isinstance(span, trace.Span):
+        return trace.INVALID_SPAN_CONTEXT
+    return span.get_span_context()
+
+
+_names: dict[tuple[str, str], str] = {}
+
+
+def _name(service: str, method: str) -> str:
+    """``<service>/<method>``, built once per pair (a service has a handful of methods)."""
+    name = _names.get((service, method))
+    if name is None:
+        name = f"{service}/{method}"
+        if len(_names) < 4096:
+            _names[(service, method)] = name
+    return name
+
+
+def _client_attributes(ctx: Any, now: float) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "rpc.system": "thrift",
+        "rpc.service": ctx.service,
+        "rpc.method": ctx.method,
+    }
+    if ctx.caller:
+        attributes["meshkit.service"] = ctx.caller
+    if ctx.deadline is not None:
+        attributes["meshkit.deadline_ms"] = round((ctx.deadline - now) * 1000, 1)
+    return attributes
 
 
 def _status_code(error: BaseException | None) -> str:
@@ -121,18 +189,34 @@ class OTelHook:
             if trace.get_current_span().get_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
-        attributes: dict[str, Any] = {
-            "rpc.system": "thrift",
-            "rpc.service": ctx.service,
-            "rpc.method": ctx.method,
-        }
-        if ctx.caller:
-            attributes["meshkit.service"] = ctx.caller
-        if ctx.deadline is not None:
-            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
-        span = self._start(f"{ctx.service}/{ctx.method}", _CLIENT, attributes)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        w3c.inject(ctx.headers, span.get_span_context())
+        now = time.monotonic()  # the budget left is read before the first call's setup
+        self._tracer()
+        recorder = self._recorder
+        if recorder is not None and recorder.inline:
+            # decided before any attribute is built: an unrecorded span costs its ids
+            parent = _current_span_context()
+            if not parent[5]:  # is_valid
+                parent = None
+            span_context, recording = recorder.begin(parent)
+            if recording:
+                lazy = not span_context[3] and recorder.tail_rule() is not None
+                span = recorder.record(
+                    _name(ctx.service, ctx.method),
+                    _CLIENT,
+                    span_context,
+                    parent,
+                    {} if lazy else _client_attributes(ctx, now),
+                )
+                if lazy:  # recorded for tail keeping only: attributes when it is kept
+                    span.deferred = (_client_attributes, now)
+            else:
+                span = NonRecordingSpan(span_context)
+        else:
+            attributes = _client_attributes(ctx, now)
+            span = self._start(_name(ctx.service, ctx.method), _CLIENT, attributes)
+            span_context = span.get_span_context()
+        token = _make_current(span)
+        w3c.inject(ctx.headers, span_context)
         return span, token
 
     def start_attempt(self, ctx: Any) -> Any:
@@ -144,17 +228,9 @@ class OTelHook:
             return None
         kind = "hedge" if ctx.extras.get("hedge") else "retry"
         parent.add_event(kind, {"meshkit.attempt": ctx.attempt})
-        attributes: dict[str, Any] = {
-            "rpc.system": "thrift",
-            "rpc.service": ctx.service,
-            "rpc.method": ctx.method,
-            "meshkit.attempt": ctx.attempt,
-            "meshkit.attempt_kind": kind,
-        }
-        if ctx.caller:
-            attributes["meshkit.service"] = ctx.caller
-        if ctx.deadline is not None:
-            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
+        attributes = _client_attributes(ctx, time.monotonic())
+        attributes["meshkit.attempt"] = ctx.attempt
+        attributes["meshkit.attempt_kind"] = kind
         span = self._start(
             f"{ctx.service}/{ctx.method} {kind} {ctx.attempt}",
             _CLIENT,
@@ -167,11 +243,43 @@ class OTelHook:
     # -- server ---------------------------------------------------------------------
 
     def start_server(self, ctx: Any) -> Any:
+        headers = ctx.headers
         if not self._recording():
-            if "traceparent" not in ctx.headers:
+            if "traceparent" not in headers:
                 return None
-            return None, otel_context.attach(w3c.extract(ctx.headers))
-        parent = w3c.extract(ctx.headers)
+            return None, otel_context.attach(w3c.extract(headers))
+        now = time.monotonic()
+        self._tracer()
+        recorder = self._recorder
+        caller = w3c.extract_span_context(headers)
+        if caller is not None and recorder is not None and recorder.inline:
+            # the usual case: a plain traceparent, no baggage, meshkit's sampler
+            if not caller[5]:  # is_valid
+                caller = None
+            span_context, recording = recorder.begin(caller)
+            if recording:
+                lazy = not span_context[3] and recorder.tail_rule() is not None
+                span: Any = recorder.record(
+                    _name(ctx.service, ctx.method),
+                    _SERVER,
+                    span_context,
+                    caller,
+                    {} if lazy else self._server_attributes(ctx, now),
+                )
+                if lazy:
+                    span.deferred = (self._server_attributes, now)
+            else:
+                span = NonRecordingSpan(span_context)
+            return span, _make_current(span, _EMPTY)
+        parent = w3c.extract(headers)
+        span = self._start(
+            _name(ctx.service, ctx.method), _SERVER, self._server_attributes(ctx, now), parent
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
+
+    @staticmethod
+    def _server_attributes(ctx: Any, now: float) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             "rpc.system": "thrift",
             "rpc.service": ctx.service,
@@ -185,10 +293,8 @@ class OTelHook:
         if instance:
             attributes["meshkit.instance"] = instance
         if ctx.deadline is not None:
-            attributes["meshkit.deadline_ms"] = round((ctx.deadline - time.monotonic()) * 1000, 1)
-        span = self._start(f"{ctx.service}/{ctx.method}", _SERVER, attributes, parent)
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token
+            attributes["meshkit.deadline_ms"] = round((ctx.deadline - now) * 1000, 1)
+        return attributes
 
     # -- both -----------------------------------------------------------------------
 
@@ -197,24 +303,42 @@ class OTelHook:
             return
         span, token = handle
         try:
-            if span is not None:
+            if span is not None and type(span) is not NonRecordingSpan:  # (nothing to end)
                 if span.is_recording():
                     self._finish(span, ctx, error)
                 span.end()
         finally:
             if token is not None:
-                otel_context.detach(token)
+                if _FAST_CONTEXT is None:
+                    otel_context.detach(token)
+                else:
+                    try:
+                        _FAST_CONTEXT[0].reset(token)
+                    except Exception:  # as opentelemetry.context.detach: say it, go on
+                        log.exception("Failed to detach context")
 
     @staticmethod
     def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
-        attributes: dict[str, Any] = {"meshkit.status_code": _status_code(error)}
-        if span.kind is _CLIENT:
+        # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
+        own: dict[str, Any] | None = getattr(span, "raw_attributes", None)
+        deferred = getattr(span, "deferred", None)
+        if deferred is not None and own is not None:
+            span.deferred = None
+            if span._recorder.discard_if_unneeded(span, error is not None):
+                return  # ended: every processor would have dropped it
+            build, started = deferred
+            own.update({**build(ctx, started), **own})  # what the handler set wins
+        attributes: dict[str, Any] = {} if own is None else own
+        attributes["meshkit.status_code"] = _status_code(error)
+        if (span._kind if own is not None else span.kind) is _CLIENT:
             if ctx.peer:
                 attributes["net.peer.name"] = ctx.peer
             endpoint = ctx.endpoint
             if endpoint is not None and endpoint.instance_id:
                 attributes["meshkit.instance"] = endpoint.instance_id
-            if "meshkit.attempt" not in span.attributes:
+            if "meshkit.attempt" not in attributes and (
+                own is not None or "meshkit.attempt" not in span.attributes
+            ):
                 attributes["meshkit.attempts"] = ctx.attempt + 1
             extras = ctx.extras
             if extras:
@@ -225,6 +349,7 @@ class OTelHook:
         app_error = ctx.extras.get("app_error") if ctx.extras else None
         if app_error:
             attributes["meshkit.app_error"] = app_error
-        span.set_attributes(attributes)
+        if own is None:
+            span.set_attributes(attributes)
         if error is not None:
             span.set_status(Status(_ERROR, f"{type(error).__name__}: {error}"))

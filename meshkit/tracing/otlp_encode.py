@@ -17,6 +17,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
 
 __all__ = ["OtlpHttpExporter", "encode_request"]
 
@@ -75,30 +76,64 @@ def _any_value(value: Any) -> bytes:
     return _T_STR + _varint(len(raw)) + raw
 
 
+# Encoded attribute fields by (field, key, type, value): meshkit's spans repeat most of
+# theirs (``rpc.service``, ``rpc.method``, ``meshkit.status_code``, peers, instances…).
+_pair_cache: dict[tuple[int, str, type, Any], bytes] = {}
+_PAIR_CACHE_MAX = 20000
+_CACHED_TYPES = (str, bool, int)
+
+
+def _pair(key: str, value: Any) -> bytes:
+    encoded_key = _key_cache.get(key)
+    if encoded_key is None:
+        raw = key.encode("utf-8", "replace")
+        encoded_key = _key_cache[key] = _TAGS[_KV_KEY] + _varint(len(raw)) + raw
+        if len(_key_cache) > 10000:
+            _key_cache.clear()
+    val = _any_value(value)
+    return encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
+
+
 def _attributes(field_tag: int, attributes: Any) -> bytes:
     if not attributes:
         return b""
     parts = []
     prefix = _TAGS[field_tag]
+    cache = _pair_cache
     for key, value in attributes.items():
-        encoded_key = _key_cache.get(key)
-        if encoded_key is None:
-            raw = key.encode("utf-8", "replace")
-            encoded_key = _key_cache[key] = _TAGS[_KV_KEY] + _varint(len(raw)) + raw
-            if len(_key_cache) > 10000:
-                _key_cache.clear()
-        val = _any_value(value)
-        kv = encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
-        parts.append(prefix + _varint(len(kv)) + kv)
+        kind = value.__class__
+        if kind in _CACHED_TYPES and (kind is not str or len(value) <= 256):
+            cache_key = (field_tag, key, kind, value)
+            field = cache.get(cache_key)
+            if field is None:
+                kv = _pair(key, value)
+                field = prefix + _varint(len(kv)) + kv
+                if len(cache) >= _PAIR_CACHE_MAX:
+                    cache.clear()
+                cache[cache_key] = field
+            parts.append(field)
+        else:
+            kv = _pair(key, value)
+            parts.append(prefix + _varint(len(kv)) + kv)
     return b"".join(parts)
+
+
+_F9 = _tag(9, 2)  # Span.attributes
+_pack_times = struct.Struct("<BQBQ").pack  # 7, 8: fixed64 start and end times
+_FLAGS_LOCAL = b"\x85\x01" + _pack_i(0x100)  # 16: fixed32 flags, "has is_remote"
+_FLAGS_REMOTE = b"\x85\x01" + _pack_i(0x300)  # … and "parent is remote", as the SDK
+_name_kind: dict[tuple[str, Any], bytes] = {}
 
 
 def _span(span: ReadableSpan) -> bytes:
     ctx = span.context
     assert ctx is not None
+    # 1: trace_id, 2: span_id
     out = [
-        b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),  # 1: trace_id
-        b"\x12\x08" + ctx.span_id.to_bytes(8, "big"),  # 2: span_id
+        b"\x0a\x10"
+        + ctx.trace_id.to_bytes(16, "big")
+        + b"\x12\x08"
+        + ctx.span_id.to_bytes(8, "big")
     ]
     state = ctx.trace_state.to_header() if ctx.trace_state else ""
     if state:
@@ -106,12 +141,20 @@ def _span(span: ReadableSpan) -> bytes:
     parent = span.parent
     if parent is not None:
         out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))  # 4: parent_span_id
-    name = span.name.encode("utf-8", "replace")
-    out.append(_len_field(_tag(5, 2), name))
-    out.append(b"\x30" + _varint(span.kind.value + 1))  # 6: kind (proto enum = SDK + 1)
-    out.append(b"\x39" + _pack_q(span.start_time or 0))  # 7: fixed64 start
-    out.append(b"\x41" + _pack_q(span.end_time or 0))  # 8: fixed64 end
-    out.append(_attributes(_tag(9, 2), span.attributes))
+    name, kind = span.name, span.kind
+    name_kind = _name_kind.get((name, kind))
+    if name_kind is None:
+        # 5: name, 6: kind (proto enum = SDK + 1)
+        name_kind = _len_field(_tag(5, 2), name.encode("utf-8", "replace"))
+        name_kind += b"\x30" + _varint(kind.value + 1)
+        if len(_name_kind) >= 10000:
+            _name_kind.clear()
+        _name_kind[(name, kind)] = name_kind
+    out.append(name_kind)
+    out.append(_pack_times(0x39, span.start_time or 0, 0x41, span.end_time or 0))
+    # meshkit's FastSpan: the dict itself rather than a read-only view of it
+    attributes = getattr(span, "raw_attributes", None)
+    out.append(_attributes(_F9, span.attributes if attributes is None else attributes))
     for event in span.events:
         body = b"\x09" + _pack_q(event.timestamp) + _len_field(_tag(2, 2), event.name.encode())
         body += _attributes(_tag(3, 2), event.attributes)
@@ -124,16 +167,15 @@ def _span(span: ReadableSpan) -> bytes:
         body += b"\x35" + _pack_i(0x300 if lctx.is_remote else 0x100)  # 6: fixed32 flags
         out.append(_len_field(_tag(13, 2), body))
     status = span.status
-    code = status.status_code.value
-    if code or status.description:
+    if status.status_code is not StatusCode.UNSET or status.description:
+        code = status.status_code.value
         body = b""
         if status.description:
             body += _len_field(_tag(2, 2), status.description.encode("utf-8", "replace"))
         if code:
             body += b"\x18" + _varint(code)
         out.append(_len_field(_tag(15, 2), body))
-    # 16: fixed32 flags: "has is_remote" (0x100) and "parent is remote" (0x200), as the SDK
-    out.append(b"\x85\x01" + _pack_i(0x300 if parent is not None and parent.is_remote else 0x100))
+    out.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(out)
 
 

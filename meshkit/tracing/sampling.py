@@ -9,9 +9,9 @@ Tail keeping (``tail=True``, the default): spans the ratio skips are still *reco
 processor (:class:`meshkit.tracing.export.ExportQueue`) exports those that ended in error
 or ran longer than the slow threshold, marked ``meshkit.kept``. The error path of a skipped
 trace therefore reaches the collector from every hop that saw the error, without any
-coordination between services. The price is that a skipped span costs what a sampled one
-costs, minus the export (see ``bench/tracing.py``); ``tail=False`` makes skipped spans
-non-recording and nearly free.
+coordination between services. meshkit's own RPC spans of a skipped trace are cheap to
+record: their attributes are built only once the span is known to be kept (see
+:mod:`meshkit.tracing.fastspan`); ``tail=False`` makes skipped spans non-recording.
 """
 
 from __future__ import annotations

@@ -10,21 +10,50 @@ through ``opentelemetry.propagate`` as before, so the behaviour is the specifica
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-__all__ = ["extract", "inject", "uses_default_propagators"]
+__all__ = ["extract", "extract_span_context", "inject", "uses_default_propagators"]
 
 _checked: tuple[object, bool] = (None, False)
 _baggage = W3CBaggagePropagator()
-_HEX = frozenset("0123456789abcdef")
+# version 00, lower-case hex ids and flags, nothing after (other shapes: the propagator)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})").fullmatch
+_BAGGAGE_KEY = getattr(baggage, "_BAGGAGE_KEY", None)
+_runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+# the standard contextvars runtime's variable (see meshkit.tracing.otel._context_var)
+_CONTEXT_VAR = _runtime._current_context if type(_runtime) is ContextVarsRuntimeContext else None
+
+
+def _current_baggage() -> object:
+    """The current baggage, or anything falsy when there is none (``baggage.get_all``
+    wraps it in a new read-only mapping: a dict look-up is enough to know)."""
+    if _BAGGAGE_KEY is None:
+        return baggage.get_all()
+    if _CONTEXT_VAR is not None:
+        return _CONTEXT_VAR.get().get(_BAGGAGE_KEY)
+    return otel_context.get_value(_BAGGAGE_KEY)
+
+
 _FLAGS = {n: TraceFlags(n) for n in range(256)}
+_new_context = tuple.__new__
+_NO_STATE = DEFAULT_TRACE_STATE
 
 
 def uses_default_propagators() -> bool:
@@ -48,15 +77,47 @@ def inject(headers: MutableMapping[str, str], span_context: SpanContext) -> None
     if not uses_default_propagators():
         propagate.inject(headers)
         return
-    if span_context.is_valid:
-        headers["traceparent"] = (
-            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
-            f"{int(span_context.trace_flags) & 0xFF:02x}"
+    if span_context[5]:  # is_valid (SpanContext fields by index: properties are calls)
+        # trace id, span id, flags: the SpanContext tuple's fields 0, 1 and 3
+        headers["traceparent"] = "00-%032x-%016x-%02x" % (  # noqa: UP031 (the fastest)
+            span_context[0],
+            span_context[1],
+            span_context[3] & 0xFF,
         )
-        if span_context.trace_state:
-            headers["tracestate"] = span_context.trace_state.to_header()
-    if baggage.get_all():
+        state = span_context[4]
+        if state is not _NO_STATE and state:
+            headers["tracestate"] = state.to_header()
+    if _current_baggage():
         _baggage.inject(headers)
+
+
+def extract_span_context(headers: Mapping[str, str]) -> SpanContext | None:
+    """The caller's span context when that is *all* ``headers`` carry, else ``None``.
+
+    The server's fast path: with the default propagators, no ``baggage`` header and a
+    plain version-00 ``traceparent`` (or none: the invalid context is returned), the
+    context :func:`extract` would build holds nothing but this span context. ``None``
+    means "call :func:`extract`".
+    """
+    if "baggage" in headers or not uses_default_propagators():
+        return None
+    parent = headers.get("traceparent")
+    if parent is None:
+        return INVALID_SPAN_CONTEXT
+    match = _TRACEPARENT(parent)
+    if match is None:
+        return None
+    trace_hex, span_hex, flags_hex = match.groups()
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    state_header = headers.get("tracestate")
+    state = TraceState.from_header([state_header]) if state_header else _NO_STATE
+    # SpanContext(...) with ids known valid (non-zero, 128 and 64 bits): the same tuple
+    return _new_context(  # type: ignore[no-any-return]
+        SpanContext, (trace_id, span_id, True, _FLAGS[int(flags_hex, 16)], state, True)
+    )
 
 
 def extract(headers: Mapping[str, str]) -> Context:
@@ -64,28 +125,23 @@ def extract(headers: Mapping[str, str]) -> Context:
     if not uses_default_propagators():
         return propagate.extract(headers)
     parent = headers.get("traceparent")
-    if (
-        parent is None
-        or len(parent) != 55
-        or not parent.startswith("00-")
-        or parent[35] != "-"
-        or parent[52] != "-"
-        or not _HEX.issuperset(parent[3:35] + parent[36:52] + parent[53:])
-    ):
+    match = None if parent is None else _TRACEPARENT(parent)
+    if match is None:
         return propagate.extract(headers)  # absent, or anything but plain version 00
-    trace_id = int(parent[3:35], 16)
-    span_id = int(parent[36:52], 16)
+    trace_hex, span_hex, flags_hex = match.groups()
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
     if trace_id == 0 or span_id == 0:
         return propagate.extract(headers)
     state_header = headers.get("tracestate")
-    state = TraceState.from_header([state_header]) if state_header else TraceState()
+    state = TraceState.from_header([state_header]) if state_header else _NO_STATE
     context = trace.set_span_in_context(
         NonRecordingSpan(
             SpanContext(
                 trace_id,
                 span_id,
                 is_remote=True,
-                trace_flags=_FLAGS[int(parent[53:], 16)],
+                trace_flags=_FLAGS[int(flags_hex, 16)],
                 trace_state=state,
             )
         )

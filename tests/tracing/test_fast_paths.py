@@ -110,3 +110,157 @@ async def test_handlers_can_annotate_the_server_span() -> None:
     assert server.resource is provider.resource
     assert server.instrumentation_scope.name == "meshkit"
     provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+        {
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            "tracestate": "vendor=abc,other=1",
+        },
+    ],
+)
+def test_the_servers_bare_traceparent_read_matches_the_propagators(
+    headers: dict[str, str],
+) -> None:
+    ours = w3c.extract_span_context(headers)
+    assert ours == trace.get_current_span(propagate.extract(headers)).get_span_context()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01", "baggage": "a=1"},
+        {"traceparent": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"},
+        {"traceparent": "garbage"},
+    ],
+)
+def test_anything_but_a_bare_traceparent_is_left_to_the_full_extract(
+    headers: dict[str, str],
+) -> None:
+    assert w3c.extract_span_context(headers) is None
+
+
+class Failing(EchoImpl):
+    async def echo(self, message: str) -> str:
+        trace.get_current_span().set_attribute("user.note", message)
+        if message == "fail":
+            raise RuntimeError("boom")
+        return message
+
+
+async def _calls(provider: Any, messages: list[str]) -> None:
+    hook = OTelHook(tracer_provider=provider)
+    svc = Service(
+        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
+    )
+    svc.implement(Failing())
+    await svc.start(port=0, health_port=0)
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{svc.port}",
+            tracer=hook,
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            for message in messages:
+                try:
+                    await client.echo(message)
+                except Exception:
+                    if message != "fail":
+                        raise
+    finally:
+        await svc.stop(drain_timeout=1.0)
+    provider.force_flush()
+
+
+async def test_unsampled_spans_kept_for_an_error_carry_every_attribute() -> None:
+    # sampling 0, tail keeping on: the fast calls are dropped, the failing one is kept
+    # whole, with the attributes meshkit builds only once a span is known to be kept
+    exporter = InMemorySpanExporter()
+    provider = build_provider(
+        TraceSettings(sample=0.0), exporter=exporter, metrics_registry=CollectorRegistry()
+    )
+    await _calls(provider, ["a", "fail", "b"])
+    spans: list[Any] = list(exporter.get_finished_spans())
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    (server,) = [s for s in spans if s.kind.name == "SERVER"]
+    (client_span,) = [s for s in spans if s.kind.name == "CLIENT"]
+    for span in (server, client_span):
+        assert not span.context.trace_flags.sampled
+        assert span.attributes["meshkit.kept"] == "error"
+        assert span.attributes["rpc.service"] == "echo"
+        assert span.attributes["rpc.method"] == "echo"
+        assert span.attributes["meshkit.status_code"] != "OK"
+        assert span.attributes["meshkit.deadline_ms"] > 0
+    assert server.attributes["user.note"] == "fail"  # set by the handler, kept
+    assert server.attributes["net.peer.name"]
+    assert client_span.attributes["net.peer.name"].startswith("127.0.0.1:")
+    assert server.parent.span_id == client_span.context.span_id
+    provider.shutdown()
+
+
+async def test_unsampled_spans_keep_their_attributes_for_another_processor() -> None:
+    # a processor of the application's sees every recorded span as the SDK would give it
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+    class Everything(SpanProcessor):
+        def __init__(self) -> None:
+            self.ended: list[ReadableSpan] = []
+
+        def on_end(self, span: ReadableSpan) -> None:
+            assert isinstance(span, ReadableSpan)
+            self.ended.append(span)
+
+    exporter = InMemorySpanExporter()
+    theirs = Everything()
+    provider = build_provider(
+        TraceSettings(sample=0.0), exporter=exporter, metrics_registry=CollectorRegistry()
+    )
+    provider.add_span_processor(theirs)
+    await _calls(provider, ["a"])
+    assert list(exporter.get_finished_spans()) == []
+    spans: list[Any] = theirs.ended
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    for span in spans:
+        assert span.attributes["rpc.service"] == "echo"
+        assert span.attributes["meshkit.status_code"] == "OK"
+        assert not span.context.trace_flags.sampled
+    (server,) = [s for s in spans if s.kind.name == "SERVER"]
+    assert server.attributes["user.note"] == "a"
+    provider.shutdown()
+
+
+async def test_unsampled_slow_calls_are_kept_whole() -> None:
+    exporter = InMemorySpanExporter()
+    settings = TraceSettings(sample=0.0, slow_ms=10)
+    provider = build_provider(settings, exporter=exporter, metrics_registry=CollectorRegistry())
+    hook = OTelHook(tracer_provider=provider)
+    svc = Service(
+        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
+    )
+    svc.implement(EchoImpl())
+    await svc.start(port=0, health_port=0)
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{svc.port}",
+            tracer=hook,
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            assert await client.slow(30) == 30  # ≥ 30 ms on both sides: slow
+    finally:
+        await svc.stop(drain_timeout=1.0)
+    provider.force_flush()
+    spans: list[Any] = list(exporter.get_finished_spans())
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    for span in spans:
+        assert span.attributes["meshkit.kept"] == "slow"
+        assert span.attributes["rpc.method"] == "slow"
+        assert span.attributes["meshkit.status_code"] == "OK"
+    provider.shutdown()
