@@ -46,27 +46,33 @@ def broker(host: str, port: int) -> None:
     """
     from .mq.broker import BrokerError, DevBroker
 
-    try:
-        server = DevBroker(host=host, port=port, log_path=None, die_with_parent=True)
-        server.start()
-    except BrokerError as exc:
-        raise _Failure(str(exc)) from None
-    click.echo(f"tansu broker listening on {server.bootstrap} (memory storage: nothing is kept)")
-    click.echo(f"use it with: export MESHKIT_MQ={server.url}")
+    # Handlers first: a SIGTERM that arrives as soon as the ready lines are out must
+    # still stop the broker the orderly way.
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server: DevBroker | None = None
     try:
+        try:
+            server = DevBroker(host=host, port=port, log_path=None, die_with_parent=True)
+            server.start()
+        except BrokerError as exc:
+            raise _Failure(str(exc)) from None
+        click.echo(
+            f"tansu broker listening on {server.bootstrap} (memory storage: nothing is kept)"
+        )
+        click.echo(f"use it with: export MESHKIT_MQ={server.url}")
         while not stop.wait(0.5):
             if not server.running:
                 raise _Failure("the broker exited unexpectedly")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.close()
+        if server is not None:
+            server.close()
     click.echo("broker stopped")
 
 

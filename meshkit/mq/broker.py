@@ -47,12 +47,16 @@ def tansu_binary() -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent goes."""
+    """In the child before exec: ask Linux to kill it when the parent goes.
+
+    SIGKILL, not SIGTERM: the broker keeps nothing (memory storage), and an orphan must
+    never linger holding its port and its parent's output pipe.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
