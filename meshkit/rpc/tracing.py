@@ -8,6 +8,7 @@ headers into ``ctx.headers``, on the server it extracts them.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .context import CallContext
@@ -16,11 +17,17 @@ from .pipeline import Next
 
 class TracerHook(Protocol):
     def start_client(self, ctx: CallContext) -> Any:
-        """Open the client span and inject propagation headers; return a handle."""
+        """Open the client span and inject propagation headers; return a handle.
+
+        ``None`` means nothing was opened: ``end`` is then not called.
+        """
         ...
 
     def start_server(self, ctx: CallContext) -> Any:
-        """Extract the caller's context, open the server span and make it current."""
+        """Extract the caller's context, open the server span and make it current.
+
+        ``None`` means nothing was opened: ``end`` is then not called.
+        """
         ...
 
     def end(self, handle: Any, ctx: CallContext, error: BaseException | None) -> None:
@@ -37,8 +44,15 @@ class Tracing:
         self.hook = hook
         self._start = hook.start_client if side == "client" else hook.start_server
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
         handle = self._start(ctx)
+        if handle is None:
+            # Nothing opened (no SDK, nothing to carry on): hand back the rest of the
+            # chain rather than await it in a coroutine frame of our own.
+            return call_next(ctx)
+        return self._around(handle, ctx, call_next)
+
+    async def _around(self, handle: Any, ctx: CallContext, call_next: Next) -> Any:
         try:
             result = await call_next(ctx)
         except BaseException as exc:
@@ -62,9 +76,15 @@ class AttemptTracing:
         self.hook = hook
         self._start = getattr(hook, "start_attempt", None)
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
         if ctx.attempt == 0 or self._start is None:
-            return await call_next(ctx)
+            return call_next(ctx)  # no coroutine frame of its own for attempt 0
+        return self._attempt(ctx, call_next)
+
+    async def _attempt(self, ctx: CallContext, call_next: Next) -> Any:
+        # Started inside the coroutine: a hedge runs it in its own task, whose context
+        # (not the caller's) must receive the attempt's span.
+        assert self._start is not None
         handle = self._start(ctx)
         try:
             result = await call_next(ctx)
