@@ -642,26 +642,20 @@ class ConsulRegistry(Registry):
         what = f"pass the check of {instance.instance_id!r}"
         path = f"/v1/agent/check/pass/{quote(_check_id(instance.instance_id), safe='')}"
         timeout = min(self.request_timeout, max(self.ttl / 3, 0.5))
-        status, body, _ = await self._request("PUT", path, what, timeout=timeout)
-        if status == 404:
-            self.status.mark_ok()
-            return False
-        if status != 200:
-            raise self._fail(status, body, what)
-        self.status.mark_ok()
-        return True
+        return await self._found("PUT", path, what, timeout=timeout)
 
     async def _service_present(self, instance_id: str) -> bool:
         what = f"look up {instance_id!r}"
         path = f"/v1/agent/service/{quote(instance_id, safe='')}"
-        status, body, _ = await self._request("GET", path, what)
-        if status == 404:
-            self.status.mark_ok()
-            return False
-        if status != 200:
+        return await self._found("GET", path, what)
+
+    async def _found(self, method: str, path: str, what: str, timeout: float | None = None) -> bool:
+        """Send the request: True on 200, False on 404 (unknown to the agent), else fail."""
+        status, body, _ = await self._request(method, path, what, timeout=timeout)
+        if status not in (200, 404):
             raise self._fail(status, body, what)
         self.status.mark_ok()
-        return True
+        return status == 200
 
     async def _deregister_id(self, instance_id: str) -> None:
         what = f"deregister {instance_id!r}"
