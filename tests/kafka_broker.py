@@ -121,9 +121,15 @@ class KafkaBroker(DevBroker):
         }
         return Consumer(dict(settings))
 
-    def read_all(self, topic: str, *, idle: float = 1.0, limit: float = 20.0) -> list[Any]:
+    def read_all(
+        self, topic: str, *, idle: float = 1.0, limit: float = 20.0, expect: int = 0
+    ) -> list[Any]:
         """Every message of ``topic`` from the start (assigned directly, no group join):
-        reads until ``idle`` seconds pass with nothing new, at most ``limit`` seconds."""
+        reads until ``idle`` seconds pass with nothing new, at most ``limit`` seconds.
+
+        ``expect``: the idle clock starts only once that many messages arrived (a first
+        fetch on a loaded machine can take longer than ``idle``); more are still read.
+        """
         consumer = self.consumer()
         try:
             meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -131,7 +137,9 @@ class KafkaBroker(DevBroker):
             out: list[Any] = []
             deadline = time.monotonic() + limit
             last = time.monotonic()
-            while time.monotonic() - last < idle and time.monotonic() < deadline:
+            while (len(out) < expect or time.monotonic() - last < idle) and (
+                time.monotonic() < deadline
+            ):
                 batch = [m for m in consumer.consume(500, 0.2) if m.error() is None]
                 if batch:
                     out.extend(batch)

@@ -66,7 +66,7 @@ async def test_failing_message_walks_retry_topics_to_dlq(
     try:
         await wait_until(lambda: len(ok) == 5, "the good messages", limit=30)
         await wait_until(lambda: len(attempts) == 6, "six attempts", limit=30)
-        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5)
+        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5, expect=1)
     finally:
         await worker.stop()
         await pub.close()
@@ -100,7 +100,9 @@ async def test_failing_message_walks_retry_topics_to_dlq(
     assert H.NOT_BEFORE not in h and H.RETRY_LEVEL not in h
     assert int(h[H.FAILED_AT]) >= int(h[H.ORIGINAL_TIMESTAMP])
     for level in (1, 2):
-        moved = await asyncio.to_thread(broker.read_all, f"{topic}.retry.{level}", idle=0.3)
+        moved = await asyncio.to_thread(
+            broker.read_all, f"{topic}.retry.{level}", idle=0.3, expect=1
+        )
         assert len(moved) == 1
         rh = H.header_map(moved[0].headers())
         assert rh[H.RETRY_LEVEL] == str(level) and rh[H.ATTEMPTS] == str(2 * level)
@@ -148,7 +150,7 @@ async def test_poison_and_rejected_go_straight_to_dlq_then_replay(
             and calls["good"] == 1 and calls["reject"] == 1,
             "poison and rejected dead-lettered", limit=30,
         )  # fmt: skip
-        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5)
+        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5, expect=3)
         reasons = {m.key(): H.header_map(m.headers()) for m in dlq}
         assert set(reasons) == {b"p", b"r", b"w"}
         assert reasons[b"p"][H.DEAD_LETTER_REASON] == "poison"
@@ -228,8 +230,8 @@ async def test_context_free_handler_retries_rejects_and_dead_letters_the_same_wa
             limit=30,
         )
         await wait_until(lambda: _poison(reg, group, topic) == 1, "poison dead-lettered", limit=30)
-        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5)
-        moved = await asyncio.to_thread(broker.read_all, f"{topic}.retry.1", idle=0.3)
+        dlq = await asyncio.to_thread(broker.read_all, f"{topic}.dlq", idle=0.5, expect=3)
+        moved = await asyncio.to_thread(broker.read_all, f"{topic}.retry.1", idle=0.3, expect=1)
     finally:
         await worker.stop()
     assert dict(calls) == {"flaky": 2, "reject": 1, "bad": 4, "good": 1}
