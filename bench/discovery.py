@@ -362,6 +362,7 @@ async def measure_smart_vs_bare(
     )
 
     cpu: dict[str, list[float]] = {"bare": [], "smart": [], "deadline_only": []}
+    client_cpu_us: dict[str, list[float]] = {"bare": [], "smart": [], "deadline_only": []}
 
     async def run(client: Any, seconds: float, name: str | None = None) -> float:
         count = 0
@@ -379,8 +380,10 @@ async def measure_smart_vs_bare(
         rate = count / (time.monotonic() - start)
         if name is not None:
             # CPU per call (client loop thread + server process): robust to other load.
-            used = time.thread_time() - client_cpu + process_cpu(server_pid) - server_cpu
+            client_used = time.thread_time() - client_cpu
+            used = client_used + process_cpu(server_pid) - server_cpu
             cpu[name].append(used / count * 1e6)
+            client_cpu_us[name].append(client_used / count * 1e6)
         return rate
 
     # Attribution only: bare plus the deadline stage (a budget header and timers per call).
@@ -402,7 +405,10 @@ async def measure_smart_vs_bare(
         for _ in range(3):
             for name, client in clients.items():
                 rates[name].append(await run(client, window, name))
-                log(f"  {name}: {rates[name][-1]:,.0f} calls/s, {cpu[name][-1]:.0f} us CPU/call")
+                log(
+                    f"  {name}: {rates[name][-1]:,.0f} calls/s, {cpu[name][-1]:.0f} us CPU/call"
+                    f" ({client_cpu_us[name][-1]:.0f} in the client)"
+                )
     finally:
         await deadline_only.pool.close()  # shares the resolver with bare
         await bare.close()
@@ -417,6 +423,8 @@ async def measure_smart_vs_bare(
         "deadline_only_vs_bare_ratio": round(mean["deadline_only"] / mean["bare"], 3),
         "smart_cpu_us_per_call": round(statistics.median(cpu["smart"]), 1),
         "bare_cpu_us_per_call": round(statistics.median(cpu["bare"]), 1),
+        "smart_client_cpu_us_per_call": round(statistics.median(client_cpu_us["smart"]), 1),
+        "bare_client_cpu_us_per_call": round(statistics.median(client_cpu_us["bare"]), 1),
         # The throughput ratio if the calls were CPU-bound on client + server alone.
         "smart_vs_bare_cpu_ratio": round(
             statistics.median(cpu["bare"]) / statistics.median(cpu["smart"]), 3

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any
 
 import structlog
 
 from .context import CallContext
 from .metrics import status_label
-from .pipeline import Next
+from .pipeline import HookStage
 
 
-class AccessLog:
+class AccessLog(HookStage):
     """Log each call at debug level; costs one level check when debug is off."""
 
     name = "accesslog"
@@ -42,29 +40,19 @@ class AccessLog:
         self._enabled_until = now + self.recheck_after
         return enabled
 
-    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
-        if not self._enabled():
-            return call_next(ctx)  # no coroutine frame of its own when logging is off
-        return self._logged(ctx, call_next)
+    def enter(self, ctx: CallContext) -> float | None:
+        return time.perf_counter() if self._enabled() else None
 
-    async def _logged(self, ctx: CallContext, call_next: Next) -> Any:
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await call_next(ctx)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.log.debug(
-                "rpc",
-                side=self.side,
-                service=ctx.service,
-                method=ctx.method,
-                peer=ctx.peer,
-                caller=ctx.caller or None,
-                attempt=ctx.attempt,
-                duration_ms=round((time.perf_counter() - start) * 1000, 3),
-                status=status_label(error, ctx),
-                error=str(error) if error is not None else None,
-            )
+    def exit(self, ctx: CallContext, token: float, error: BaseException | None) -> None:
+        self.log.debug(
+            "rpc",
+            side=self.side,
+            service=ctx.service,
+            method=ctx.method,
+            peer=ctx.peer,
+            caller=ctx.caller or None,
+            attempt=ctx.attempt,
+            duration_ms=round((time.perf_counter() - token) * 1000, 3),
+            status=status_label(error, ctx),
+            error=str(error) if error is not None else None,
+        )

@@ -30,6 +30,7 @@ import struct
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
+from math import exp
 from typing import Protocol
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
@@ -162,7 +163,7 @@ class PeakEwma:
     decayed (≈ ``decay * ln(penalty / healthy latency)``, about a minute with the
     defaults and a 1 ms service). Cancelled attempts are not sampled.
 
-    State is kept per ``(host, port)`` and dropped lazily: at most once per
+    State is kept per ``host:port`` and dropped lazily: at most once per
     ``decay`` seconds, a pick forgets the endpoints that are not among its
     candidates, have nothing in flight and were not touched for ``decay`` seconds
     (an endpoint that comes back starts afresh).
@@ -197,7 +198,7 @@ class PeakEwma:
         self.failure_penalty = float(failure_penalty)
         self._random = (rng or random.Random()).random
         self._clock = clock
-        self._peers: dict[tuple[str, int], _Peer] = {}
+        self._peers: dict[str, _Peer] = {}  # by Endpoint.address
         self._next_sweep = -math.inf
 
     # -- the balancer
@@ -222,7 +223,7 @@ class PeakEwma:
 
     def on_start(self, endpoint: Endpoint, ctx: CallContext) -> None:
         """Count the attempt as in flight on ``endpoint``."""
-        key = (endpoint.host, endpoint.port)
+        key = endpoint.address
         peer = self._peers.get(key)
         if peer is None:
             peer = self._peers[key] = _Peer(self.default_latency, self._clock())
@@ -232,7 +233,7 @@ class PeakEwma:
         self, endpoint: Endpoint, ctx: CallContext, latency: float, error: BaseException | None
     ) -> None:
         """End the attempt and fold its latency (or the failure penalty) into the EWMA."""
-        peer = self._peers.get((endpoint.host, endpoint.port))
+        peer = self._peers.get(endpoint.address)
         if peer is None:
             return
         if peer.pending > 0:
@@ -242,13 +243,22 @@ class PeakEwma:
                 return
             if isinstance(error, _FAILURES):
                 latency = max(latency, self.failure_penalty)
-        self._observe(peer, latency, self._clock())
+        # _observe, inlined: this runs after every attempt
+        now = self._clock()
+        elapsed = now - peer.stamp
+        if latency > peer.ewma:
+            peer.ewma = latency
+        elif elapsed > 0:
+            w = exp(-elapsed / self.decay)
+            peer.ewma = peer.ewma * w + latency * (1.0 - w)
+        if elapsed > 0:
+            peer.stamp = now
 
     # -- state for other policies
 
     def load(self, endpoint: Endpoint) -> float:
         """Calls this balancer's client has in flight on ``endpoint``."""
-        peer = self._peers.get((endpoint.host, endpoint.port))
+        peer = self._peers.get(endpoint.address)
         return float(peer.pending) if peer is not None else 0.0
 
     def cost(self, endpoint: Endpoint) -> float:
@@ -258,30 +268,20 @@ class PeakEwma:
     def stats(self) -> dict[str, dict[str, float]]:
         """``{"host:port": {"ewma": seconds, "in_flight": n}}`` for every tracked endpoint."""
         return {
-            f"{host}:{port}": {"ewma": peer.ewma, "in_flight": float(peer.pending)}
-            for (host, port), peer in self._peers.items()
+            address: {"ewma": peer.ewma, "in_flight": float(peer.pending)}
+            for address, peer in self._peers.items()
         }
 
     # -- internals
 
-    def _observe(self, peer: _Peer, rtt: float, now: float) -> None:
-        elapsed = now - peer.stamp
-        if rtt > peer.ewma:
-            peer.ewma = rtt
-        elif elapsed > 0:
-            w = math.exp(-elapsed / self.decay)
-            peer.ewma = peer.ewma * w + rtt * (1.0 - w)
-        if elapsed > 0:
-            peer.stamp = now
-
     def _cost(self, endpoint: Endpoint, now: float) -> float:
-        key = (endpoint.host, endpoint.port)
+        key = endpoint.address
         peer = self._peers.get(key)
         if peer is None:
             peer = self._peers[key] = _Peer(self.default_latency, now)
         elapsed = now - peer.stamp
         if elapsed > 0:  # decay on read: observe(0)
-            peer.ewma *= math.exp(-elapsed / self.decay)
+            peer.ewma *= exp(-elapsed / self.decay)
             peer.stamp = now
         if peer.ewma == 0.0 and peer.pending:
             return self.failure_penalty + peer.pending
@@ -292,7 +292,7 @@ class PeakEwma:
         peers = self._peers
         if not peers:
             return
-        live = {(e.host, e.port) for e in endpoints}
+        live = {e.address for e in endpoints}
         horizon = now - self.decay
         stale = [
             key

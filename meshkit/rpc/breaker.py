@@ -223,7 +223,7 @@ def _fail() -> None:
     raise _AttemptFailed
 
 
-_Key = tuple[str, int]
+_Key = str  # "host:port" (Endpoint.address: its hash is cached, a tuple's is not)
 
 
 class _Table:
@@ -370,7 +370,7 @@ class CircuitBreakers:
         if not blocked:
             out: Sequence[Endpoint] = endpoints
         else:
-            out = [e for e in endpoints if (e.host, e.port) not in blocked]
+            out = [e for e in endpoints if e.address not in blocked]
             if not out:
                 raise self._all_open(table, endpoints, ctx, now)
         table.seen = endpoints
@@ -385,7 +385,7 @@ class CircuitBreakers:
         table = self._tables.get(ctx.method if self.per_method else "")
         if table is None or not table.entries:
             return
-        key = (endpoint.host, endpoint.port)
+        key = endpoint.address
         entry = table.entries.get(key)
         if entry is None:
             return
@@ -404,7 +404,7 @@ class CircuitBreakers:
         """Record the attempt's outcome in its endpoint's breaker."""
         token = ctx.extras.pop(self._slot, None)
         outcome = _SUCCESS if error is None else classify(error, self.failure_codes)
-        key = (endpoint.host, endpoint.port)
+        key = endpoint.address
         if token is not None and token[0] == key:
             started: _Breaker = token[1]
             generation: int = token[2]
@@ -447,7 +447,7 @@ class CircuitBreakers:
         table = self._tables.get((method or "") if self.per_method else "")
         if table is None:
             return CLOSED
-        entry = table.entries.get((endpoint.host, endpoint.port))
+        entry = table.entries.get(endpoint.address)
         if entry is None:
             return CLOSED
         return entry.state
@@ -576,7 +576,7 @@ class CircuitBreakers:
         waits: list[float] = []
         probing: list[str] = []
         for e in endpoints:
-            entry = table.entries.get((e.host, e.port))
+            entry = table.entries.get(e.address)
             if entry is None:
                 continue
             if entry.state == OPEN:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
 from ..errors import DeadlineExceeded
 from .context import TIMEOUT_KEY, CallContext
-from .pipeline import Next
+from .pipeline import HookStage, Next
 from .timers import DeadlineTimers
 
 _deadline: ContextVar[float | None] = ContextVar("meshkit_deadline", default=None)
@@ -58,7 +58,7 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return ms / 1000.0
 
 
-class ClientDeadline:
+class ClientDeadline(HookStage):
     """Client side: fix the call's deadline and put the remaining budget on the wire.
 
     The deadline is the earlier of the call's own ``timeout`` and the deadline
@@ -70,9 +70,7 @@ class ClientDeadline:
     def __init__(self, default_timeout: float | None) -> None:
         self.default_timeout = default_timeout
 
-    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
-        # A plain function handing back the rest of the chain: nothing to do after the
-        # call, so no coroutine frame of its own (one fewer per call).
+    def enter(self, ctx: CallContext) -> None:
         now = time.monotonic()
         timeout = ctx.timeout if ctx.timeout is not None else self.default_timeout
         deadline = None if timeout is None else now + timeout
@@ -88,7 +86,6 @@ class ClientDeadline:
                     f"({-left * 1000:.1f} ms past the deadline)"
                 )
             ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
-        return call_next(ctx)
 
 
 class ServerDeadline:

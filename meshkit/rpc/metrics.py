@@ -27,7 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..errors import MeshkitError
 from .context import CallContext
-from .pipeline import Next
+from .pipeline import HookStage
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -187,7 +187,7 @@ def status_label(exc: BaseException | None, ctx: CallContext) -> str:
     return APP_ERROR if ctx.extras.get("app_error") else "INTERNAL"
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HookStage):
     """Count calls by status, record latency and track in-flight calls."""
 
     name = "metrics"
@@ -199,7 +199,7 @@ class MetricsMiddleware:
         self.table: StatsTable = {}
         metrics.calls.adopt(self, self.table)
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def enter(self, ctx: CallContext) -> tuple[str, MethodStats, float]:
         service = self.service or ctx.service
         in_flight = self._in_flight
         if service not in in_flight:
@@ -209,24 +209,19 @@ class MetricsMiddleware:
         if stats is None:
             stats = self.table[key] = MethodStats()
         in_flight[service] += 1
-        start = time.perf_counter()
-        try:
-            result = await call_next(ctx)
-        except BaseException as exc:
-            self._record(stats, time.perf_counter() - start, status_label(exc, ctx))
-            in_flight[service] -= 1
-            raise
+        return service, stats, time.perf_counter()
+
+    def exit(
+        self, ctx: CallContext, token: tuple[str, MethodStats, float], error: BaseException | None
+    ) -> None:
+        service, stats, start = token
         elapsed = time.perf_counter() - start
-        in_flight[service] -= 1
+        self._in_flight[service] -= 1
         stats.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         stats.total += elapsed
-        code = APP_ERROR if ctx.extras.get("app_error") else "OK"
+        if error is None:
+            code = APP_ERROR if ctx.extras.get("app_error") else "OK"
+        else:
+            code = status_label(error, ctx)
         codes = stats.codes
         codes[code] = codes.get(code, 0) + 1
-        return result
-
-    @staticmethod
-    def _record(stats: MethodStats, elapsed: float, code: str) -> None:
-        stats.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-        stats.total += elapsed
-        stats.codes[code] = stats.codes.get(code, 0) + 1

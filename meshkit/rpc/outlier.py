@@ -93,7 +93,7 @@ class OutlierMetrics(PerRegistry):
         )
 
 
-_Key = tuple[str, int]
+_Key = str  # "host:port" (Endpoint.address: its hash is cached, a tuple's is not)
 
 
 class _Host:
@@ -242,20 +242,16 @@ class OutlierEjection:
                 return endpoints
         if endpoints is self._seen and self._seen_version == self._version:
             return self._seen_out
-        out = [e for e in endpoints if (e.host, e.port) not in ejected]
+        out = [e for e in endpoints if e.address not in ejected]
         removed = n - len(out)
         allowed = self._allowed(n)
         if removed > allowed:
             out_here = sorted(
-                (ejected[(e.host, e.port)] for e in endpoints if (e.host, e.port) in ejected),
+                (ejected[e.address] for e in endpoints if e.address in ejected),
                 key=lambda h: (h.times, h.ejected_until),
             )
             readmit = {h.key for h in out_here[: removed - allowed]}
-            out = [
-                e
-                for e in endpoints
-                if (e.host, e.port) not in ejected or (e.host, e.port) in readmit
-            ]
+            out = [e for e in endpoints if e.address not in ejected or e.address in readmit]
         result: Sequence[Endpoint] = out if removed else endpoints
         self._seen = endpoints
         self._seen_version = self._version
@@ -278,7 +274,7 @@ class OutlierEjection:
         if outcome is _IGNORED:
             return
         now = self._clock()
-        key = (endpoint.host, endpoint.port)
+        key = endpoint.address
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = _Host(key, endpoint.address, ctx.service, now)

@@ -23,7 +23,7 @@ from ..errors import NoInstances
 from .balancer import Balancer
 from .context import CallContext
 from .endpoint import Endpoint, Resolver
-from .pipeline import Next
+from .pipeline import HookStage
 
 
 @runtime_checkable
@@ -48,7 +48,7 @@ class EndpointObserver(Protocol):
     ) -> None: ...
 
 
-class Pick:
+class Pick(HookStage):
     """Choose the endpoint of this attempt and report how it went."""
 
     name = "pick"
@@ -72,7 +72,7 @@ class Pick:
         # one Python call fewer per attempt each.
         self._starters = tuple(o for o in watchers if getattr(o, "observes_start", True))
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def enter(self, ctx: CallContext) -> tuple[Endpoint, float] | None:
         endpoints: Sequence[Endpoint] = self.resolver.endpoints()
         if not endpoints:
             raise NoInstances(
@@ -92,19 +92,16 @@ class Pick:
         endpoint = self.balancer.pick(endpoints, ctx)
         ctx.endpoint = endpoint
         ctx.peer = endpoint.address
-        observers = self.observers
-        if not observers:
-            return await call_next(ctx)
+        if not self.observers:
+            return None
         for observer in self._starters:
             observer.on_start(endpoint, ctx)
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await call_next(ctx)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            latency = time.perf_counter() - start
-            for observer in observers:
-                observer.on_finish(endpoint, ctx, latency, error)
+        return endpoint, time.perf_counter()
+
+    def exit(
+        self, ctx: CallContext, token: tuple[Endpoint, float], error: BaseException | None
+    ) -> None:
+        endpoint, start = token
+        latency = time.perf_counter() - start
+        for observer in self.observers:
+            observer.on_finish(endpoint, ctx, latency, error)

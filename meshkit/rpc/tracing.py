@@ -8,11 +8,10 @@ headers into ``ctx.headers``, on the server it extracts them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .context import CallContext
-from .pipeline import Next
+from .pipeline import HookStage
 
 
 class TracerHook(Protocol):
@@ -35,7 +34,7 @@ class TracerHook(Protocol):
         ...
 
 
-class Tracing:
+class Tracing(HookStage):
     """Run a :class:`TracerHook` around the rest of the chain."""
 
     name = "tracing"
@@ -44,30 +43,19 @@ class Tracing:
         self.hook = hook
         self._start = hook.start_client if side == "client" else hook.start_server
 
-    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
-        handle = self._start(ctx)
-        if handle is None:
-            # Nothing opened (no SDK, nothing to carry on): hand back the rest of the
-            # chain rather than await it in a coroutine frame of our own.
-            return call_next(ctx)
-        return self._around(handle, ctx, call_next)
+    def enter(self, ctx: CallContext) -> Any:
+        return self._start(ctx)
 
-    async def _around(self, handle: Any, ctx: CallContext, call_next: Next) -> Any:
-        try:
-            result = await call_next(ctx)
-        except BaseException as exc:
-            self.hook.end(handle, ctx, exc)
-            raise
-        self.hook.end(handle, ctx, None)
-        return result
+    def exit(self, ctx: CallContext, token: Any, error: BaseException | None) -> None:
+        self.hook.end(token, ctx, error)
 
 
-class AttemptTracing:
+class AttemptTracing(HookStage):
     """Run the hook's optional ``start_attempt`` around retries and hedges (attempt ≥ 1).
 
-    Placed just before the pick stage (each attempt picks anew). Attempt 0 passes straight
-    through (it travels on the span opened by :class:`Tracing`): the common call pays one
-    await.
+    Placed just before the pick stage (each attempt picks anew). Attempt 0 opens
+    nothing: it travels on the span opened by :class:`Tracing`. It enters inside the
+    attempt's coroutine, so a hedge's own task (not the caller's) holds its span.
     """
 
     name = "attempt-tracing"
@@ -76,20 +64,10 @@ class AttemptTracing:
         self.hook = hook
         self._start = getattr(hook, "start_attempt", None)
 
-    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
+    def enter(self, ctx: CallContext) -> Any:
         if ctx.attempt == 0 or self._start is None:
-            return call_next(ctx)  # no coroutine frame of its own for attempt 0
-        return self._attempt(ctx, call_next)
+            return None
+        return self._start(ctx)
 
-    async def _attempt(self, ctx: CallContext, call_next: Next) -> Any:
-        # Started inside the coroutine: a hedge runs it in its own task, whose context
-        # (not the caller's) must receive the attempt's span.
-        assert self._start is not None
-        handle = self._start(ctx)
-        try:
-            result = await call_next(ctx)
-        except BaseException as exc:
-            self.hook.end(handle, ctx, exc)
-            raise
-        self.hook.end(handle, ctx, None)
-        return result
+    def exit(self, ctx: CallContext, token: Any, error: BaseException | None) -> None:
+        self.hook.end(token, ctx, error)

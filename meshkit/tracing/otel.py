@@ -186,7 +186,9 @@ class OTelHook:
     def start_client(self, ctx: Any) -> Any:
         if not self._recording():
             # No SDK: no spans to record, but carry on a trace someone else started.
-            if trace.get_current_span().get_span_context().is_valid:
+            if _FAST_CONTEXT is not None and _FAST_CONTEXT[0].get().get(_FAST_CONTEXT[1]) is None:
+                return None  # no span at all: the common case, one dict lookup
+            if _current_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
         now = time.monotonic()  # the budget left is read before the first call's setup
