@@ -446,6 +446,7 @@ class Worker:
         last_topic: str | None = None
         last_partition: int | None = None
         batch: OffsetBatch | None = None
+        retry = False
         for msg in messages:
             if msg.error() is not None:
                 self._consumer_error(msg)
@@ -459,9 +460,10 @@ class Worker:
                 except KeyError:
                     batch = opened[tp] = self._open_batch(tp, fast)  # type: ignore[index,arg-type]
                 last_topic, last_partition = topic, partition
+                retry = batch is not None and batch.route.level > 0
             if batch is None:
                 continue  # not ours, or held for a retry not yet due
-            if batch.route.level:
+            if retry:
                 if not now_ms:
                     now_ms = time.time() * 1000
                 due = _not_before(msg)
@@ -756,6 +758,7 @@ class Worker:
         clock = time.perf_counter
         bounds = HANDLER_BUCKETS
         first_bound = bounds[0]
+        undecoded = _UNDECODED
         while True:
             if not ready:
                 waiter = create_future()
@@ -769,15 +772,14 @@ class Worker:
                     route = batch.route
                     decode = route.decode
                     value = msg.value()
-                    if decode is None:
-                        if value is None:
-                            value = b""  # RawCodec.decode
-                    else:
+                    if decode is not None:
                         try:
                             value = decode(value)
                         except Exception:  # poison: dead-lettered there
-                            value = _UNDECODED
-                    if value is _UNDECODED:
+                            value = undecoded
+                    elif value is None:
+                        value = b""  # RawCodec.decode
+                    if value is undecoded:
                         done = await self._handle_full(msg, batch.state, None)
                     else:
                         start = clock()
