@@ -200,9 +200,13 @@ class Publisher:
             # the usual path (as "closed before the broker acknowledged").
             with contextlib.suppress(KafkaException, NotImplementedError):
                 producer.purge()
-            with contextlib.suppress(KafkaException):
-                producer.poll(0)
-            self._drain_reports()
+            for _ in range(20):  # purge queues the reports at once; serve them all
+                with contextlib.suppress(KafkaException):
+                    producer.poll(0)
+                self._drain_reports()
+                if not self._pending:
+                    break
+                await asyncio.sleep(0.05)
         return left
 
     async def flush(self, timeout: float | None = None) -> int:
