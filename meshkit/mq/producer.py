@@ -79,6 +79,8 @@ class _DeliveryFuture(asyncio.Future["Delivery"]):
         self.reports.append(self)
 
 
+#: the loop serves delivery reports itself every 256 publishes (see ``_produce``)
+_SELF_POLL_MASK = 255
 _new_delivery = tuple.__new__  # Delivery(...) without the Python-level __new__ frame
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _RAW = RawCodec()
@@ -339,7 +341,7 @@ class Publisher:
             raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
         self._pending += 1
         self._produced += 1
-        if not self._produced & 255:
+        if not self._produced & _SELF_POLL_MASK:
             # Serve delivery reports here now and then: while the loop publishes in a
             # tight loop, the poll thread would wait for the GIL on every callback.
             producer.poll(0)
