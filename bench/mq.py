@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,10 @@ class Result:
     n: int
     elapsed: float
     cpu: float
+    #: CPU seconds of the thread running the per-message Python (the caller's thread)
+    main: float = 0.0
+    #: CPU seconds of meshkit's helper thread (worker: consumer thread; publisher: poll)
+    helper: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -62,6 +68,35 @@ class Result:
     @property
     def cpu_us(self) -> float:
         return self.cpu / self.n * 1e6
+
+    def split_us(self) -> str:
+        """CPU µs per message: main thread / meshkit helper thread / the rest (librdkafka)."""
+        rest = self.cpu - self.main - self.helper
+        return "/".join(f"{x / self.n * 1e6:.2f}" for x in (self.main, self.helper, rest))
+
+
+class CpuClock:
+    """Process CPU, the calling thread's CPU and that of threads named ``helper*``."""
+
+    def __init__(self, helper: str | None = None) -> None:
+        self.helper = helper
+
+    def _helper(self) -> float:
+        if self.helper is None:
+            return 0.0
+        total = 0.0
+        for thread in threading.enumerate():
+            if thread.name.startswith(self.helper) and thread.ident is not None:
+                with contextlib.suppress(OSError):
+                    total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        return total
+
+    def read(self) -> tuple[float, float, float]:
+        return time.process_time(), time.thread_time(), self._helper()
+
+    @staticmethod
+    def since(start: tuple[float, float, float], end: tuple[float, float, float]) -> list[float]:
+        return [b - a for a, b in zip(start, end, strict=True)]
 
 
 def _payloads(n: int, size: int, keys: int) -> list[tuple[bytes, bytes]]:
@@ -80,7 +115,8 @@ def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> 
         if err is not None:
             errors += 1
 
-    start, cpu = time.perf_counter(), time.process_time()
+    clock = CpuClock()
+    start, cpu = time.perf_counter(), clock.read()
     for key, value in msgs:
         while True:
             try:
@@ -90,16 +126,17 @@ def raw_publish(bootstrap: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> 
                 producer.poll(0.01)
         producer.poll(0)
     left = producer.flush(60)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    elapsed, used = time.perf_counter() - start, clock.since(cpu, clock.read())
     if errors or left:
         raise SystemExit(f"raw publish failed: {errors} errors, {left} undelivered")
-    return Result(len(msgs), elapsed, cpu)
+    return Result(len(msgs), elapsed, *used)
 
 
 async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]]) -> Result:
     pub = Publisher(url, metrics_registry=CollectorRegistry())
     pub.start()
-    start, cpu = time.perf_counter(), time.process_time()
+    clock = CpuClock("meshkit-mq-producer")
+    start, cpu = time.perf_counter(), clock.read()
     futures = []
     for key, value in msgs:
         futures.append(pub.publish_nowait(topic, value, key=key))
@@ -107,9 +144,9 @@ async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]])
             await asyncio.gather(*futures)
             futures = []
     await asyncio.gather(*futures)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    elapsed, used = time.perf_counter() - start, clock.since(cpu, clock.read())
     await pub.close()
-    return Result(len(msgs), elapsed, cpu)
+    return Result(len(msgs), elapsed, *used)
 
 
 def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
@@ -131,7 +168,8 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
         sink += 1
 
     start: float | None = None
-    cpu = 0.0
+    clock = CpuClock()
+    cpu = clock.read()
     deadline = time.monotonic() + 120
     try:
         while handled < n:
@@ -141,34 +179,37 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
             if not batch:
                 continue
             if start is None:
-                start, cpu = time.perf_counter(), time.process_time()
+                start, cpu = time.perf_counter(), clock.read()
             for msg in batch:
                 if msg.error() is None:
                     noop(msg.value())
                     handled += 1
             consumer.commit(asynchronous=True)  # commit after processing the batch
         elapsed = time.perf_counter() - (start or time.perf_counter())
-        cpu = time.process_time() - cpu
+        used = clock.since(cpu, clock.read())
     finally:
         consumer.close()
-    return Result(n, elapsed, cpu)
+    return Result(n, elapsed, *used)
 
 
 async def meshkit_consume(url: str, topic: str, n: int) -> Result:
     handled = 0
-    start = cpu = 0.0
+    start = 0.0
+    group = f"bench-meshkit-{secrets.token_hex(4)}"
+    clock = CpuClock(f"meshkit-mq-{group}")
+    cpu = clock.read()
     done = asyncio.Event()
 
     async def noop(value: bytes) -> None:
         nonlocal handled, start, cpu
         if handled == 0:
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu = time.perf_counter(), clock.read()
         handled += 1
         if handled >= n:
             done.set()
 
     worker = Worker(
-        f"bench-meshkit-{secrets.token_hex(4)}",
+        group,
         [Subscription(topic, noop, model=bytes)],
         url=url,
         config=GROUP_SETTINGS,
@@ -177,10 +218,10 @@ async def meshkit_consume(url: str, topic: str, n: int) -> Result:
     await worker.start()
     try:
         await asyncio.wait_for(done.wait(), 120)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        elapsed, used = time.perf_counter() - start, clock.since(cpu, clock.read())
     finally:
         await worker.stop()
-    return Result(n, elapsed, cpu)
+    return Result(n, elapsed, *used)
 
 
 def load() -> str:
@@ -234,6 +275,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     for what, impl, k in rows:
         rounds = ", ".join(f"{r.rate:,.0f}/{r.cpu_us:.2f}us" for r in results[k])
         print(f"{what:34} {impl:22} {best[k]:12,.0f} {cpu[k]:10.2f}  {rounds}")
+    print(
+        "\nCPU us/msg by thread (main: the thread running the per-message Python; helper:"
+        " the worker's consumer thread / the publisher's poll thread; rest: librdkafka's"
+        " threads, GC), best round:"
+    )
+    for _, impl, k in rows:
+        least = min(results[k], key=lambda r: r.cpu_us)
+        print(f"  {impl:22} main/helper/rest {least.split_us()}")
     summary = {
         "bench": "mq",
         "messages": args.messages,

@@ -14,21 +14,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
+from time import monotonic
 from typing import Any, NamedTuple, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 
-from .codec import Codec, codec_for_value
+from . import tracing
+from .codec import Codec, RawCodec, codec_for_value
 from .errors import ConfigError, PublishBufferFull, PublishError
 from .metrics import ProducerMetrics
-from .tracing import end_producer_span, start_producer_span
+from .tracing import current_context, end_producer_span, recording, start_producer_span
 from .url import bootstrap_servers
 
 __all__ = ["Delivery", "Publisher"]
 
-_Report = tuple["asyncio.Future[Delivery]", "KafkaError | None", "Message", Any]
 
 log = structlog.get_logger("meshkit.mq.producer")
 
@@ -54,6 +56,34 @@ class Delivery(NamedTuple):
     topic: str
     partition: int
     offset: int
+
+
+class _DeliveryFuture(asyncio.Future["Delivery"]):
+    """The future of one publish, and its own delivery callback.
+
+    librdkafka keeps one callable per message and calls it with the delivery report:
+    the future itself is that callable (no closure and cells per message); it keeps
+    the report and queues itself on its publisher's queue for the loop to resolve.
+    """
+
+    __slots__ = ("err", "msg", "reports", "span")
+
+    reports: deque[_DeliveryFuture]
+    span: Span | None
+    err: KafkaError | None
+    msg: Message
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        self.err = err
+        self.msg = msg
+        self.reports.append(self)
+
+
+#: the loop serves delivery reports itself every 256 publishes (see ``_produce``)
+_SELF_POLL_MASK = 255
+_new_delivery = tuple.__new__  # Delivery(...) without the Python-level __new__ frame
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+_RAW = RawCodec()
 
 
 def _key_bytes(key: Any) -> bytes | None:
@@ -112,9 +142,8 @@ class Publisher:
         self._closing = threading.Event()
         self._pending = 0
         self._idle = asyncio.Event()
-        self._waiting: set[asyncio.Future[Delivery]] = set()
         # Delivery reports: appended by whichever thread ran poll(), taken on the loop.
-        self._reports: deque[_Report] = deque()
+        self._reports: deque[_DeliveryFuture] = deque()
         self._resolve_scheduled = False
         self._produced = 0
         #: (topic, outcome) → deliveries reported, summed into /metrics at scrape time
@@ -165,14 +194,21 @@ class Publisher:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
         await asyncio.sleep(0)  # let reports from the thread's last poll() resolve
         self._drain_reports()
+        producer = self._producer
         self._producer = None  # the librdkafka handle goes with it (no reconnect attempts)
-        if left:
+        if left and producer is not None:
             log.warning("publisher closed with undelivered messages", undelivered=left)
-            for future in list(self._waiting):
-                if not future.done():
-                    future.set_exception(
-                        PublishError("the publisher closed before the broker acknowledged")
-                    )
+            # Purged messages get a delivery report now: their futures fail through
+            # the usual path (as "closed before the broker acknowledged").
+            with contextlib.suppress(KafkaException, NotImplementedError):
+                producer.purge()
+            for _ in range(20):  # purge queues the reports at once; serve them all
+                with contextlib.suppress(KafkaException):
+                    producer.poll(0)
+                self._drain_reports()
+                if not self._pending:
+                    break
+                await asyncio.sleep(0.05)
         return left
 
     async def flush(self, timeout: float | None = None) -> int:
@@ -221,9 +257,16 @@ class Publisher:
         codec: Codec | None = None,
     ) -> asyncio.Future[Delivery]:
         """Enqueue and return a future for the delivery (for pipelining many publishes)."""
-        payload = (codec or codec_for_value(value)).encode(value)
-        return self.produce_raw(
-            topic, payload, key=_key_bytes(key), headers=_header_list(headers), partition=partition
+        if codec is None and type(value) is bytes:
+            payload = value  # what the raw codec would hand back
+        else:
+            payload = (codec or codec_for_value(value)).encode(value)
+        return self._produce(
+            topic,
+            payload,
+            key if key is None or type(key) is bytes else _key_bytes(key),
+            _header_list(headers) if headers is not None else None,
+            partition,
         )
 
     def produce_raw(
@@ -236,39 +279,58 @@ class Publisher:
         partition: int | None = None,
     ) -> asyncio.Future[Delivery]:
         """Enqueue already-encoded bytes; the future resolves on the delivery report."""
-        if self._producer is None:
+        return self._produce(topic, payload, key, headers, partition)
+
+    def _produce(
+        self,
+        topic: str,
+        payload: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        partition: int | None,
+    ) -> asyncio.Future[Delivery]:
+        producer = self._producer
+        if producer is None:
             self.start()
-        assert self._producer is not None and self._loop is not None
+            producer = self._producer
+        assert producer is not None
         if self._closed:
             raise PublishError(f"cannot publish to {topic!r}: the publisher is closed")
-        headers = headers if headers is not None else []
-        span = start_producer_span(topic, key, headers)
-        future: asyncio.Future[Delivery] = self._loop.create_future()
-        reports = self._reports
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            reports.append((future, err, msg, span))
-
+        future = _DeliveryFuture(loop=self._loop)
+        future.reports = self._reports
+        # A span only when an SDK records or a context (span, baggage) is current.
+        if current_context() or (
+            tracing.recording_cached if monotonic() < tracing.recording_until else recording()
+        ):
+            if headers is None:
+                headers = []
+            span = future.span = start_producer_span(topic, key, headers)
+        else:
+            span = future.span = None
         try:
-            if partition is None:
-                self._producer.produce(
-                    topic, payload, key, headers=cast(Any, headers or None), on_delivery=on_delivery
-                )
-            else:
-                self._producer.produce(
+            # Positional arguments (topic, value, key, partition, on_delivery, -,
+            # timestamp, headers): keyword parsing costs the binding about as much as
+            # the produce itself. Partition -1: the partitioner picks.
+            part = -1 if partition is None else partition
+            if headers:
+                producer.produce(
                     topic,
                     payload,
                     key,
-                    partition=partition,
-                    headers=cast(Any, headers or None),
-                    on_delivery=on_delivery,
+                    part,
+                    future,
+                    None,
+                    0,
+                    cast(Any, headers),
                 )
+            else:
+                producer.produce(topic, payload, key, part, future)
         except BufferError:
             end_producer_span(span, None, None, "buffer full")
             self.metrics.buffer_full.labels(topic).inc()
             raise PublishBufferFull(
                 f"cannot publish to {topic!r}: the producer buffer is full "
-                f"({len(self._producer)} messages waiting; queue.buffering.max.messages="
+                f"({len(producer)} messages waiting; queue.buffering.max.messages="
                 f"{self.config.get('queue.buffering.max.messages')}, "
                 f"queue.buffering.max.kbytes={self.config.get('queue.buffering.max.kbytes')}). "
                 "The broker is slower than the publishers or unreachable; publish again "
@@ -278,12 +340,11 @@ class Publisher:
             end_producer_span(span, None, None, str(exc))
             raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
         self._pending += 1
-        self._waiting.add(future)
         self._produced += 1
-        if self._produced % 256 == 0:
+        if not self._produced & _SELF_POLL_MASK:
             # Serve delivery reports here now and then: while the loop publishes in a
             # tight loop, the poll thread would wait for the GIL on every callback.
-            self._producer.poll(0)
+            producer.poll(0)
             self._drain_reports()
         return future
 
@@ -306,37 +367,52 @@ class Publisher:
                 return
 
     def _drain_reports(self) -> None:
+        """Resolve the futures whose delivery reports arrived (on the loop)."""
         self._resolve_scheduled = False
         reports = self._reports
-        batch = []
-        while reports:
-            batch.append(reports.popleft())
-        if batch:
-            self._resolve(batch)
-
-    def _resolve(self, reports: list[_Report]) -> None:
-        self._pending -= len(reports)
+        n = len(reports)  # the poll thread may append more meanwhile: next time
+        if not n:
+            return
+        self._pending -= n
         if self._pending == 0:
             self._idle.set()
-        waiting = self._waiting
+        take = reports.popleft
         counts = self.published_counts
-        for future, err, msg, span in reports:
-            waiting.discard(future)
+        ok_topic: str | None = None  # reports come in runs of one topic: count per run
+        ok_run = 0
+        for _ in range(n):
+            future = take()
+            msg = future.msg
+            future.msg = None  # type: ignore[assignment]  # drop the report's Message
             topic = msg.topic() or "?"
+            err = future.err
             if err is not None:
                 counts[(topic, "error")] = counts.get((topic, "error"), 0) + 1
-                end_producer_span(span, None, None, err.str())
+                end_producer_span(future.span, None, None, err.str())
+                text = (
+                    "the publisher closed before the broker acknowledged"
+                    if err.code() in _PURGED
+                    else f"broker did not take a message for {topic!r}: {err.str()}"
+                )
                 if not future.done():
-                    future.set_exception(
-                        PublishError(f"broker did not take a message for {topic!r}: {err.str()}")
-                    )
+                    future.set_exception(PublishError(text))
                 continue
-            counts[(topic, "ok")] = counts.get((topic, "ok"), 0) + 1
+            if topic != ok_topic:
+                if ok_run:
+                    key = (ok_topic or "?", "ok")
+                    counts[key] = counts.get(key, 0) + ok_run
+                ok_topic, ok_run = topic, 0
+            ok_run += 1
             partition, offset = msg.partition(), msg.offset()
-            if span is not None:
-                end_producer_span(span, partition, offset, None)
-            if not future.done():
-                future.set_result(Delivery(topic, partition or 0, offset or 0))
+            if future.span is not None:
+                end_producer_span(future.span, partition, offset, None)
+            try:  # noqa: SIM105 - a context manager per report costs more than try
+                future.set_result(_new_delivery(Delivery, (topic, partition or 0, offset or 0)))
+            except asyncio.InvalidStateError:
+                pass  # cancelled by its caller: the message went out all the same
+        if ok_run:
+            key = (ok_topic or "?", "ok")
+            counts[key] = counts.get(key, 0) + ok_run
 
 
 class _RdkafkaLog:

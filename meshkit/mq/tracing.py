@@ -23,22 +23,40 @@ from ..tracing.propagation import extract_kafka, inject_kafka
 from .headers import RawHeaders
 
 _recheck_after = 1.0
-_recording_until = 0.0
-_recording_cached = False
+#: until when (``time.monotonic()``) ``recording_cached`` answers :func:`recording`
+#: (hot paths read the two directly to skip a call)
+recording_until = 0.0
+recording_cached = False
+
+
+def _context_getter() -> Any:
+    """A call returning the current OpenTelemetry context (an empty, falsy mapping when
+    nothing is current): the runtime's context variable's ``get`` when it is the
+    standard contextvars runtime (one C call), else ``otel_context.get_current``."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is ContextVarsRuntimeContext:
+        return runtime._current_context.get
+    return otel_context.get_current
+
+
+#: the current OpenTelemetry context; falsy when nothing (no span, no baggage) is current
+current_context = _context_getter()
 
 
 def recording() -> bool:
     """Whether an OpenTelemetry SDK is installed (rechecked at most once a second)."""
-    global _recording_until, _recording_cached
+    global recording_until, recording_cached
     now = time.monotonic()
-    if now < _recording_until:
-        return _recording_cached
+    if now < recording_until:
+        return recording_cached
     provider = trace.get_tracer_provider()
-    _recording_cached = not isinstance(
+    recording_cached = not isinstance(
         provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
     )
-    _recording_until = now + _recheck_after
-    return _recording_cached
+    recording_until = now + _recheck_after
+    return recording_cached
 
 
 def _tracer() -> trace.Tracer:

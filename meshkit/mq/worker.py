@@ -6,11 +6,13 @@ How it keeps its promises:
   on one dedicated thread (a single-thread executor), so the consumer is used from one
   thread only and the loop only awaits. Rebalance callbacks run on that thread inside
   ``consume()`` and wait for the loop through ``run_coroutine_threadsafe``.
-* **At least once.** ``enable.auto.commit`` is off. A message's offset counts as done
-  only when its handler finished (or it was moved to a retry topic or the DLQ and the
-  broker acknowledged that); the commit point per partition is the first offset not
-  done (:class:`~meshkit.mq.offsets.PartitionState`), committed every
-  ``commit_interval`` seconds, on revoke and on stop.
+* **At least once.** ``enable.auto.commit`` is off. The messages of one partition in one
+  fetched batch form an :class:`~meshkit.mq.offsets.OffsetBatch` that counts down as
+  they finish (handled, or moved to a retry topic or the DLQ and acknowledged by the
+  broker); the commit point per partition is the end of the last batch finished with
+  every earlier one (:class:`~meshkit.mq.offsets.PartitionState`): it never passes an
+  unfinished message, and stays at most one batch behind the exact point. Committed
+  every ``commit_interval`` seconds, on revoke and on stop.
 * **Per-key order, bounded concurrency.** Messages wait in one queue per key (made
   only when a second message of the key arrives before the first finished); a key
   is handled by at most one of the ``concurrency`` runner tasks at a time, in fetch
@@ -20,6 +22,15 @@ How it keeps its promises:
   most ``max_buffered`` messages are fetched and not finished; beyond that the assigned
   partitions are paused (the consumer keeps polling so it stays in the group) and
   resumed below half of it.
+* **Cheap per message.** A fetched batch is dispatched in one pass (the partition's
+  batch, route and codec are looked up once per run of one partition, the tracing
+  check once per batch) and runners take ready messages one after another without a
+  loop hop while handlers do not suspend. The common case (context-free ``async def``
+  handler, subscribed topic, no headers, no tracing SDK) runs inline in the runner
+  task, one coroutine per message: the handler's, started inside its runner task so
+  ``asyncio.current_task()``/``asyncio.timeout()`` in a handler see that task. Anything
+  else, and every failure, goes through ``_handle_full`` (retries, retry topics, DLQ,
+  spans, context). Counts and latency are plain numbers summed at scrape time.
 * **Retries without stalling the partition.** See :class:`~meshkit.mq.RetryPolicy`. A
   message read from ``<topic>.retry.N`` before its time pauses that retry partition and
   seeks back to it; the partition resumes when the message is due.
@@ -36,6 +47,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
@@ -46,10 +58,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
 from . import headers as H
+from .codec import RawCodec
 from .context import MessageContext
 from .errors import ConfigError, DeadLetter, DecodeError, MqError
-from .metrics import ConsumerMetrics, HandlerStats, HandlerTable
-from .offsets import PartitionState
+from .metrics import HANDLER_BUCKETS, ConsumerMetrics, HandlerStats, HandlerTable
+from .offsets import OffsetBatch, PartitionState
 from .producer import Publisher
 from .retry import dlq_topic, retry_topic
 from .subscription import Subscription
@@ -115,12 +128,33 @@ def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int 
     return len(meta.partitions)
 
 
-#: a message ready to run: its key (``None`` for none), the message, its partition
-_Entry = tuple[bytes | None, Message, PartitionState]
+#: a message ready to run: its key (``None`` for none), the message, its offset batch
+_Entry = tuple[bytes | None, Message, OffsetBatch]
+
+
+class _Route:
+    """What the runners need about one topic read, looked up once per fetched batch."""
+
+    __slots__ = ("buckets", "decode", "fast", "handler", "level", "stats", "sub")
+
+    def __init__(self, sub: Subscription, level: int, stats: HandlerStats) -> None:
+        self.sub = sub
+        self.level = level
+        self.stats = stats
+        self.buckets = stats.buckets
+        self.handler = sub.handler
+        #: ``None`` for the raw codec (inlined by the runners)
+        self.decode = None if type(sub.codec) is RawCodec else cast(Any, sub.codec).decode
+        #: the first attempt may take the runners' short path (see ``Worker._run``)
+        self.fast = level == 0 and sub.is_async and not sub.wants_context
 
 
 class _Runnable:
-    """Work for the runners: at most one message per key is ready at a time."""
+    """Work for the runners: at most one message per key is ready at a time.
+
+    The worker's dispatch and runners use these containers directly (the per-message
+    steps are inlined there); this class only holds them.
+    """
 
     __slots__ = ("by_key", "idle", "ready")
 
@@ -134,34 +168,14 @@ class _Runnable:
         #: runners waiting for work
         self.idle: deque[asyncio.Future[None]] = deque()
 
-    def add(self, entry: _Entry) -> None:
-        key = entry[0]
-        if key is not None:
-            by_key = self.by_key
-            if key in by_key:  # the key is ready or being handled: wait behind it
-                queue = by_key[key]
-                if queue is None:
-                    by_key[key] = deque((entry,))
-                else:
-                    queue.append(entry)
-                return
-            by_key[key] = None
-        self.ready.append(entry)
-        idle = self.idle
-        while idle:
+    def wake(self) -> None:
+        """Wake as many idle runners as there are ready messages."""
+        idle, n = self.idle, len(self.ready)
+        while idle and n:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
-
-    def done(self, key: bytes) -> None:
-        """The message of ``key`` being handled finished: the key's next one (if any)
-        goes to the back of the line, so keys take turns."""
-        queue = self.by_key[key]
-        if queue:
-            self.ready.append(queue.popleft())
-        else:
-            del self.by_key[key]
+                n -= 1
 
 
 class Worker:
@@ -170,12 +184,13 @@ class Worker:
     ``group``: the consumer group (one Kafka consumer per worker); ``url``:
     ``kafka://host:port`` (default ``MESHKIT_MQ``); ``concurrency``: handlers running at
     once (each on a different key); ``max_buffered``: messages fetched and not finished
-    before partitions are paused; ``drain_timeout``: seconds to let fetched messages
-    finish on revoke and stop; ``config``: librdkafka settings over
-    :data:`DEFAULT_CONSUMER_CONFIG`; ``publisher``: used for retry topics and the DLQ
-    (one is created when omitted); ``create_topics``: create missing topics at start
-    (the topic with ``partitions`` partitions, its retry topics and DLQ with as many as
-    the topic has).
+    before partitions are paused; ``batch_size``: messages per ``consume()`` (a commit
+    trails the exact point by at most one such batch of a partition while a message of
+    it runs); ``drain_timeout``: seconds to let fetched messages finish on revoke and
+    stop; ``config``: librdkafka settings over :data:`DEFAULT_CONSUMER_CONFIG`;
+    ``publisher``: used for retry topics and the DLQ (one is created when omitted);
+    ``create_topics``: create missing topics at start (the topic with ``partitions``
+    partitions, its retry topics and DLQ with as many as the topic has).
     """
 
     def __init__(
@@ -246,6 +261,10 @@ class Worker:
             for sub in subscriptions
         }
         self.metrics.handlers.adopt(self, self.handler_stats)
+        self._route_info = {
+            topic: _Route(sub, level, self._stats[sub.topic])
+            for topic, (sub, level) in self._routes.items()
+        }
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
@@ -258,7 +277,8 @@ class Worker:
         self._runners: list[asyncio.Task[None]] = []
         self.in_flight = 0  # read by the in-flight gauge at scrape time
         self._capacity = asyncio.Event()
-        self._progress = asyncio.Event()  # set each time a runner finishes a message
+        self._wants_capacity = False  # the consume loop waits for _capacity
+        self._progress = asyncio.Event()  # set each time a batch of a partition finishes
         self._background: set[asyncio.Future[Any]] = set()
         self._stopping = False
         self._consume_task: asyncio.Task[None] | None = None
@@ -368,13 +388,13 @@ class Worker:
         """Wait until ``states`` have nothing in flight or ``timeout`` passes; then abandon."""
         states = list(states)
         deadline = time.monotonic() + timeout
-        while any(s.pending for s in states) and time.monotonic() < deadline:
+        while any(s.batches for s in states) and time.monotonic() < deadline:
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
-        finished = not any(s.pending for s in states)
+        finished = not any(s.batches for s in states)
         for s in states:
-            s.revoked = True
+            s.revoke()
         return finished
 
     def info(self) -> dict[str, Any]:
@@ -401,8 +421,10 @@ class Worker:
                     if not self._paused_all:
                         await self._call(self._pause_all)
                     self._capacity.clear()
+                    self._wants_capacity = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._capacity.wait(), 0.5)
+                    self._wants_capacity = False
                     # Keep polling while paused: group membership and rebalances need it.
                     messages = await self._call(consumer.consume, self.batch_size, 0)
                 else:
@@ -425,44 +447,95 @@ class Worker:
                 await asyncio.sleep(0.5)
 
     def _dispatch(self, messages: list[Message]) -> None:
+        """Hand a fetched batch to the runners: one :class:`OffsetBatch` per partition in
+        it, each message queued behind its key's or made ready."""
         held_now: list[tuple[Message, float]] = []
-        now_ms = time.time() * 1000
-        held, assigned, routes, states = self._held, self._assigned, self._routes, self._states
-        add = self._work.add
-        added = 0
+        now_ms = 0.0
+        opened: dict[_TPKey, OffsetBatch | None] = {}
+        fast = not recording()  # rechecked per batch: a tracing SDK installed later counts
+        work = self._work
+        by_key, ready_append = work.by_key, work.ready.append
+        last_topic: str | None = None
+        last_partition: int | None = None
+        batch: OffsetBatch | None = None
+        retry = False
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self.last_error = err.str()
-                    log.warning("consumer error", group=self.group, error=err.str())
+            if msg.error() is not None:
+                self._consumer_error(msg)
                 continue
-            topic: str = msg.topic()  # type: ignore[assignment]
-            partition: int = msg.partition()  # type: ignore[assignment]
-            key = (topic, partition)
-            if key in held:
-                continue  # waits for a retry that is not due: read again after the seek
-            if key not in assigned:
-                continue  # fetched just before a revoke; the new owner reads it again
-            route = routes.get(topic)
-            if route is None:
-                continue
-            if route[1] > 0:
+            topic, partition = msg.topic(), msg.partition()
+            # A fetch brings runs of one partition: look the batch up only when it changes.
+            if partition != last_partition or topic != last_topic:
+                tp = (topic, partition)
+                try:
+                    batch = opened[tp]  # type: ignore[index]
+                except KeyError:
+                    batch = opened[tp] = self._open_batch(tp, fast)  # type: ignore[index,arg-type]
+                last_topic, last_partition = topic, partition
+                retry = batch is not None and batch.route.level > 0
+            if batch is None:
+                continue  # not ours, or held for a retry not yet due
+            if retry:
+                if not now_ms:
+                    now_ms = time.time() * 1000
                 due = _not_before(msg)
                 if due is not None and due > now_ms:
-                    held[key] = due  # at once, so no later batch slips past it
+                    # Held at once: no later message of the partition is handed out now
+                    # (they are read again after the seek).
+                    tp = (topic, partition)
+                    self._held[tp] = due  # type: ignore[index]
+                    opened[tp] = batch = None  # type: ignore[index]
                     held_now.append((msg, due))
                     continue
-            state = states.get(key)
-            if state is None:
-                state = states[key] = PartitionState(topic, partition)
-            state.pending.append(msg.offset())  # type: ignore[arg-type]  # PartitionState.add
-            added += 1
-            add((msg.key(), msg, state))
+            batch.left += 1
+            batch.last = msg
+            key = msg.key()
+            if key is not None:
+                if key in by_key:  # the key is ready or being handled: wait behind it
+                    queue = by_key[key]
+                    if queue is None:
+                        by_key[key] = deque(((key, msg, batch),))
+                    else:
+                        queue.append((key, msg, batch))
+                    continue
+                by_key[key] = None
+            ready_append((key, msg, batch))
+        added = 0
+        for batch in opened.values():
+            if batch is None:
+                continue
+            if batch.left:
+                batch.end = batch.last.offset() + 1
+                batch.last = None
+                added += batch.left
+            else:  # opened, then its only messages were held: it is the newest one
+                batch.state.batches.pop()
         # Runners only run after this returns, so counting once per batch is exact.
         self.in_flight += added
+        work.wake()
         if held_now:
             self._spawn(self._hold(held_now))
+
+    def _open_batch(self, tp: _TPKey, fast: bool) -> OffsetBatch | None:
+        """The batch for ``tp``'s messages in this fetch, or ``None`` to skip them."""
+        if tp in self._held:
+            return None  # waits for a retry that is not due: read again after the seek
+        if tp not in self._assigned:
+            return None  # fetched just before a revoke; the new owner reads it again
+        route = self._route_info.get(tp[0])
+        if route is None:
+            return None
+        state = self._states.get(tp)
+        if state is None:
+            state = self._states[tp] = PartitionState(*tp)
+        return state.open(route, fast and route.fast)
+
+    def _consumer_error(self, msg: Message) -> None:
+        err = msg.error()
+        assert err is not None
+        if err.code() != KafkaError._PARTITION_EOF:
+            self.last_error = err.str()
+            log.warning("consumer error", group=self.group, error=err.str())
 
     async def _hold(self, held: list[tuple[Message, float]]) -> None:
         """Pause retry partitions whose next message is not due and seek back to it."""
@@ -678,62 +751,96 @@ class Worker:
     # -- handling (runners) ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        """One runner: takes the next ready message and handles it."""
+        """One runner: takes the next ready message and handles it, until none is ready.
+
+        The common case runs inline here (one coroutine frame per message: the
+        handler's): the batch allows the short path (an ``async def`` handler without
+        context, read from the subscribed topic, no tracing SDK, partition not revoked)
+        and the message has no headers. Its first attempt runs here; anything else, and
+        any failure, goes through :meth:`_handle_full`. Handlers that do not suspend
+        run back to back in one step of this task.
+        """
         assert self._loop is not None
+        create_future = self._loop.create_future
         work = self._work
-        ready = work.ready
+        ready, by_key, idle = work.ready, work.by_key, work.idle
+        popleft, ready_append = ready.popleft, ready.append
         capacity, progress = self._capacity, self._progress
         resume_below = self.max_buffered // 2
+        clock = time.perf_counter
+        bounds = HANDLER_BUCKETS
+        first_bound = bounds[0]
+        undecoded = _UNDECODED
         while True:
             if not ready:
-                waiter = self._loop.create_future()
-                work.idle.append(waiter)
+                waiter = create_future()
+                idle.append(waiter)
                 await waiter
                 continue
-            key, msg, state = ready.popleft()
+            key, msg, batch = popleft()
             try:
-                if not state.revoked and await self._handle(msg, state):
-                    state.finish(msg.offset())  # type: ignore[arg-type]
+                done = False
+                if batch.fast and not msg.headers():
+                    route = batch.route
+                    decode = route.decode
+                    value = msg.value()
+                    if decode is not None:
+                        try:
+                            value = decode(value)
+                        except Exception:  # poison: dead-lettered there
+                            value = undecoded
+                    elif value is None:
+                        value = b""  # RawCodec.decode
+                    if value is undecoded:
+                        done = await self._handle_full(msg, batch.state, None)
+                    else:
+                        start = clock()
+                        try:
+                            await route.handler(value)
+                        except Exception as exc:
+                            elapsed = clock() - start
+                            stats = route.stats
+                            stats.buckets[bisect_left(bounds, elapsed)] += 1
+                            stats.total += elapsed
+                            stats.failed += 1
+                            done = await self._handle_full(msg, batch.state, exc)
+                        else:
+                            elapsed = clock() - start
+                            if elapsed <= first_bound:  # the common case: skip the search
+                                route.buckets[0] += 1
+                            else:
+                                route.buckets[bisect_left(bounds, elapsed)] += 1
+                            stats = route.stats
+                            stats.total += elapsed
+                            stats.processed += 1
+                            done = True
+                elif not batch.state.revoked:
+                    done = await self._handle_full(msg, batch.state, None)
+                if done:
+                    left = batch.left - 1
+                    batch.left = left
+                    if not left:
+                        batch.state.completed()
+                        progress.set()
             finally:
-                if key is not None:
-                    work.done(key)
-                self.in_flight -= 1
-                progress.set()
-                if self.in_flight <= resume_below and not capacity.is_set():
+                if key is not None:  # the key's next message (if any) goes to the back
+                    queue = by_key[key]
+                    if queue:
+                        ready_append(queue.popleft())
+                    else:
+                        del by_key[key]
+                in_flight = self.in_flight - 1
+                self.in_flight = in_flight
+                if self._wants_capacity and in_flight <= resume_below:
                     capacity.set()
-
-    async def _handle(self, msg: Message, state: PartitionState) -> bool:
-        """Run the handler with retries; ``True`` when the message is done with.
-
-        The common case (an ``async def`` handler without context, a message without
-        headers read from the subscribed topic, no tracing SDK) makes its first attempt
-        here; anything else, and any failure, goes through :meth:`_handle_full`.
-        """
-        sub, level = self._routes[msg.topic()]  # type: ignore[index]
-        if level or not sub.is_async or sub.wants_context or msg.headers() or recording():
-            return await self._handle_full(msg, state, None)
-        try:
-            assert sub.codec is not None
-            value = sub.codec.decode(msg.value())
-        except Exception:
-            return await self._handle_full(msg, state, None)  # poison: dead-lettered there
-        stats = self._stats[sub.topic]
-        start = time.perf_counter()
-        try:
-            await sub.handler(value)
-        except Exception as exc:
-            stats.observe(time.perf_counter() - start)
-            stats.failed += 1
-            return await self._handle_full(msg, state, exc)
-        stats.observe(time.perf_counter() - start)
-        stats.processed += 1
-        return True
 
     async def _handle_full(
         self, msg: Message, state: PartitionState, first_error: Exception | None
     ) -> bool:
-        """:meth:`_handle` in full: ``first_error`` is how the first attempt (made by
-        :meth:`_handle`, already counted) failed, or ``None`` when none was made."""
+        """Run the handler with retries; ``True`` when the message is done with
+        (handled, moved to a retry topic or the DLQ). ``first_error`` is how the first
+        attempt (made by :meth:`_run`'s short path, already counted) failed, or ``None``
+        when none was made."""
         topic: str = msg.topic()  # type: ignore[assignment]
         partition: int = msg.partition()  # type: ignore[assignment]
         offset: int = msg.offset()  # type: ignore[assignment]
@@ -950,6 +1057,10 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+#: marks a value the codec could not decode (the full path dead-letters the message)
+_UNDECODED: Any = object()
 
 
 class _NoSpan:

@@ -98,6 +98,43 @@ async def test_delivery_failure_raises_publish_error(broker: KafkaBroker, topic:
         await pub.publish(topic, {"x": 1})
 
 
+async def test_close_fails_what_the_broker_never_acknowledged() -> None:
+    """Nothing listens: close() gives up after its timeout, says how many were left, and
+    their futures fail with a clear error (librdkafka purges them and reports each)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    reg = CollectorRegistry()
+    pub = Publisher(
+        f"kafka://127.0.0.1:{port}", config={"message.timeout.ms": 60_000}, metrics_registry=reg
+    )
+    futures = [pub.publish_nowait("nowhere", {"i": i}, key="k") for i in range(3)]
+    assert pub.pending == 3
+    assert await pub.close(timeout=0.3) == 3
+    for future in futures:
+        with pytest.raises(PublishError, match="closed before the broker acknowledged"):
+            await future
+    assert pub.pending == 0
+    labels = {"topic": "nowhere", "outcome": "error"}
+    assert reg.get_sample_value("meshkit_mq_published_total", labels) == 3
+
+
+async def test_a_cancelled_publish_still_counts_its_delivery(
+    broker: KafkaBroker, topic: str
+) -> None:
+    reg = CollectorRegistry()
+    pub = Publisher(broker.url, metrics_registry=reg)
+    cancelled = pub.publish_nowait(topic, b"gone", key="k")
+    cancelled.cancel()
+    kept = await pub.publish(topic, b"kept", key="k")
+    assert await pub.close() == 0
+    assert cancelled.cancelled() and kept.topic == topic
+    labels = {"topic": topic, "outcome": "ok"}
+    assert reg.get_sample_value("meshkit_mq_published_total", labels) == 2
+
+
 def test_bad_urls_and_values_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MESHKIT_MQ", raising=False)
     with pytest.raises(ConfigError, match="meshkit mq broker"):
@@ -132,7 +169,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
         trace.set_tracer_provider(provider)
         provider = trace.get_tracer_provider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
-    monkeypatch.setattr(mq_tracing, "_recording_until", 0.0)  # notice the SDK at once
+    monkeypatch.setattr(mq_tracing, "recording_until", 0.0)  # notice the SDK at once
     return exporter
 
 

@@ -17,7 +17,7 @@ from meshkit.errors import ConfigError
 from meshkit.mq import DecodeError, JsonCodec, RawCodec, RetryPolicy, Subscription, ThriftCodec
 from meshkit.mq import headers as H
 from meshkit.mq.codec import codec_for, codec_for_value
-from meshkit.mq.offsets import PartitionState
+from meshkit.mq.offsets import OffsetBatch, PartitionState
 from meshkit.mq.url import bootstrap_servers
 
 events_thrift = thriftpy2.load_fp(
@@ -31,40 +31,78 @@ events_thrift = thriftpy2.load_fp(
 @given(
     st.lists(st.integers(0, 5), min_size=1, max_size=60, unique=True)
     .map(sorted)
-    .flatmap(lambda gaps: st.tuples(st.just(gaps), st.randoms(use_true_random=False)))
+    .flatmap(
+        lambda gaps: st.tuples(
+            st.just(gaps),
+            st.lists(st.integers(1, 12), min_size=len(gaps), max_size=len(gaps)),
+            st.randoms(use_true_random=False),
+        )
+    )
 )
 def test_commit_point_never_passes_an_unfinished_offset(
-    case: tuple[list[int], random.Random],
+    case: tuple[list[int], list[int], random.Random],
 ) -> None:
-    # Offsets with gaps (compaction, transaction markers), finished in random order.
-    gaps, rng = case
+    # Offsets with gaps (compaction, transaction markers), fetched in batches of random
+    # sizes, finished in random order.
+    gaps, sizes, rng = case
     offsets, at = [], 100
     for gap in gaps:
         at += gap + 1
         offsets.append(at)
     state = PartitionState("t", 0)
-    for off in offsets:
-        state.add(off)
+    batch_of: dict[int, OffsetBatch] = {}
+    ends: list[int] = []  # batch ends, in fetch order
+    rest = offsets[:]
+    for size in sizes:
+        if not rest:
+            break
+        chunk, rest = rest[:size], rest[size:]
+        batch = state.open()
+        batch.left, batch.end = len(chunk), chunk[-1] + 1
+        ends.append(batch.end)
+        for off in chunk:
+            batch_of[off] = batch
+    if rest:
+        batch = state.open()
+        batch.left, batch.end = len(rest), rest[-1] + 1
+        ends.append(batch.end)
+        for off in rest:
+            batch_of[off] = batch
+    assert state.in_flight == len(offsets) and state.commit_point() is None
     order = offsets[:]
     rng.shuffle(order)
     finished: set[int] = set()
     for off in order:
-        state.finish(off)
+        completed = state.finish(batch_of[off])
         finished.add(off)
+        assert completed == all(o in finished for o, b in batch_of.items() if b is batch_of[off])
         point = state.commit_point()
         unfinished = [o for o in offsets if o not in finished]
-        if point is not None:
-            # everything below the commit point is finished ...
-            assert all(o in finished for o in offsets if o < point)
-            # ... and it is as far as it can go: right after the last contiguous finished one
-            assert not unfinished or point <= unfinished[0]
-            if unfinished:
-                assert point == max(o for o in offsets if o < unfinished[0]) + 1
-        else:
-            assert offsets[0] in unfinished
+        if point is None:
+            assert not all(o in finished for o in offsets if o < ends[0])
+            continue
+        # everything below the commit point is finished ...
+        assert all(o in finished for o in offsets if o < point)
+        # ... and it is as far as whole batches go: the end of the last batch that
+        # finished with every earlier one, never past the first unfinished offset
+        assert point in ends
+        assert not unfinished or point <= unfinished[0]
+        later = [e for e in ends if e > point]
+        if later and unfinished:
+            assert any(o < later[0] for o in unfinished)
     assert state.commit_point() == offsets[-1] + 1 and state.in_flight == 0
+    assert not state.batches
     state.committed = offsets[-1] + 1
     assert state.commit_point() is None  # nothing new since the last commit
+
+
+def test_revoked_partition_takes_its_batches_off_the_short_path() -> None:
+    state = PartitionState("t", 0)
+    first, second = state.open(fast=True), state.open(fast=True)
+    first.left, first.end, second.left, second.end = 2, 10, 1, 11
+    state.revoke()
+    assert state.revoked and not first.fast and not second.fast
+    assert state.finish(second) and state.commit_point() is None  # first still open
 
 
 class Order(pydantic.BaseModel):

@@ -155,3 +155,96 @@ async def test_plain_def_handler_runs_off_the_loop_in_key_order(
     for k in ("k0", "k1", "k2"):
         mine = [i for key, i, _ in seen if key == k]
         assert mine == sorted(mine) and len(mine) == 10
+
+
+async def test_short_path_keeps_key_order_across_batches_and_commits_everything(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    """Context-free ``async def`` handlers (the runners' inlined short path), raw bytes,
+    fetched in multi-message batches: one message per key at a time, in offset order,
+    handlers that suspend mixed with ones that do not, at most ``concurrency`` at once;
+    the commit reaches the end of every partition."""
+    n_keys, per_key = 40, 30
+    seen: dict[bytes, list[int]] = defaultdict(list)
+    busy: set[bytes] = set()
+    overlaps: list[bytes] = []
+    running = peak = 0
+
+    async def handle(value: bytes) -> None:
+        nonlocal running, peak
+        key, i = value.split(b":")
+        if key in busy:
+            overlaps.append(key)
+        busy.add(key)
+        running += 1
+        peak = max(peak, running)
+        if int(i) % 3 == 0:  # every third suspends, the rest finish in one step
+            await asyncio.sleep(random.random() * 0.002)
+        seen[key].append(int(i))
+        running -= 1
+        busy.discard(key)
+
+    broker.produce(
+        topic,
+        [(b"k%d" % k, b"k%d:%d" % (k, i)) for i in range(per_key) for k in range(n_keys)],
+    )
+    worker = _worker(broker, group, [Subscription(topic, handle, model=bytes)], concurrency=4)
+    await worker.start()
+    try:
+        await wait_until(
+            lambda: sum(map(len, seen.values())) >= n_keys * per_key, "all handled", limit=30
+        )
+    finally:
+        assert await worker.stop()
+    assert not overlaps
+    assert dict(seen) == {b"k%d" % k: list(range(per_key)) for k in range(n_keys)}
+    assert 1 <= peak <= 4
+    assert worker.in_flight == 0
+    ends: dict[int, int] = defaultdict(int)
+    for m in broker.read_all(topic, expect=n_keys * per_key):
+        ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
+    assert broker.committed(group, topic, 3) == {p: ends[p] for p in range(3)}
+
+
+async def test_stop_mid_batch_commits_short_of_the_unfinished_and_the_next_owner_takes_it(
+    broker: KafkaBroker, group: str
+) -> None:
+    """One message hangs in the middle of a fetched batch while the rest finish. Stopping
+    abandons it after the drain timeout; the commit stays at or before it (the finished
+    part of its batch may be handled again: at least once), and the next member of the
+    group handles it and everything after it."""
+    from kafka_broker import fresh
+
+    topic = broker.create_topic(fresh("t1"), 1)
+    n, stuck_at = 40, 20
+    broker.produce(topic, [(b"k%d" % i, b"%d" % i) for i in range(n)])
+    first: list[int] = []
+    release = asyncio.Event()
+
+    async def hang_on_one(value: bytes) -> None:
+        if int(value) == stuck_at:
+            await release.wait()  # never set: abandoned by stop()
+        first.append(int(value))
+
+    worker = _worker(broker, group, [Subscription(topic, hang_on_one, model=bytes)])
+    await worker.start()
+    await wait_until(lambda: len(first) == n - 1, "all but the stuck one handled", limit=30)
+    assert worker.in_flight == 1
+    assert not await worker.stop(timeout=0.3)  # not everything finished
+    committed = broker.committed(group, topic, 1)[0]
+    assert committed <= stuck_at  # offsets equal the message numbers here
+
+    second: list[int] = []
+
+    async def handle(value: bytes) -> None:
+        second.append(int(value))
+
+    worker = _worker(broker, group, [Subscription(topic, handle, model=bytes)])
+    await worker.start()
+    try:
+        await wait_until(lambda: stuck_at in second and n - 1 in second, "rest handled", limit=30)
+    finally:
+        assert await worker.stop()
+    start = 0 if committed < 0 else committed  # -1001: nothing committed yet
+    assert second == list(range(start, n))
+    assert broker.committed(group, topic, 1)[0] == n
