@@ -340,6 +340,8 @@ class CircuitBreakers:
         self.metrics = BreakerMetrics.get(metrics_registry)
         self._clock = clock
         self._tables: dict[str, _Table] = {}
+        #: breakers in all tables; 0 (every endpoint clean) is the common case, checked first
+        self._entries = 0
         self._slot = f"meshkit.breaker.{id(self):x}"  # this object's key in ctx.extras
         self._retired: dict[tuple[str, str], float] = {}
         self._forget_after = max(FORGET_AFTER, 6 * self.reset_timeout)
@@ -352,6 +354,8 @@ class CircuitBreakers:
 
         Raises :class:`~meshkit.errors.CircuitOpen` when no endpoint does.
         """
+        if not self._entries:
+            return endpoints
         table = self._tables.get(ctx.method if self.per_method else "")
         if table is None or not table.entries:
             return endpoints
@@ -382,6 +386,8 @@ class CircuitBreakers:
 
     def on_start(self, endpoint: Endpoint, ctx: CallContext) -> None:
         """Note the attempt's breaker generation; take the probe slot when half-open."""
+        if not self._entries:
+            return
         table = self._tables.get(ctx.method if self.per_method else "")
         if table is None or not table.entries:
             return
@@ -402,6 +408,10 @@ class CircuitBreakers:
         self, endpoint: Endpoint, ctx: CallContext, latency: float, error: BaseException | None
     ) -> None:
         """Record the attempt's outcome in its endpoint's breaker."""
+        if error is None and not self._entries:
+            if ctx.extras:  # a token of an entry removed since: nothing left to settle
+                ctx.extras.pop(self._slot, None)
+            return
         token = ctx.extras.pop(self._slot, None)
         outcome = _SUCCESS if error is None else classify(error, self.failure_codes)
         key = endpoint.address
@@ -478,6 +488,7 @@ class CircuitBreakers:
             throw_new_error_on_trip=False,
         )
         table.entries[key] = entry
+        self._entries += 1
         table.version += 1
         self._publish(entry)
         return entry
@@ -497,6 +508,7 @@ class CircuitBreakers:
         table = entry.table
         if table.entries.get(entry.key) is entry:
             del table.entries[entry.key]
+            self._entries -= 1
             table.version += 1
             self._publish(entry)
 

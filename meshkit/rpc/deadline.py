@@ -21,6 +21,7 @@ from .pipeline import HookStage, Next
 from .timers import DeadlineTimers
 
 _deadline: ContextVar[float | None] = ContextVar("meshkit_deadline", default=None)
+_monotonic = time.monotonic
 
 
 def current_deadline() -> float | None:
@@ -71,21 +72,27 @@ class ClientDeadline(HookStage):
         self.default_timeout = default_timeout
 
     def enter(self, ctx: CallContext) -> None:
-        now = time.monotonic()
-        timeout = ctx.timeout if ctx.timeout is not None else self.default_timeout
-        deadline = None if timeout is None else now + timeout
+        now = _monotonic()
+        timeout = ctx.timeout
+        if timeout is None:
+            timeout = self.default_timeout
         inherited = _deadline.get()
-        if inherited is not None and (deadline is None or inherited < deadline):
+        if timeout is None:
+            if inherited is None:
+                return  # unbounded: nothing on the wire
             deadline = inherited
+        else:
+            deadline = now + timeout
+            if inherited is not None and inherited < deadline:
+                deadline = inherited
         ctx.deadline = deadline
-        if deadline is not None:
-            left = deadline - now
-            if left <= 0:
-                raise DeadlineExceeded(
-                    f"call {ctx.service}.{ctx.method} not sent: its budget was already spent "
-                    f"({-left * 1000:.1f} ms past the deadline)"
-                )
-            ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
+        left = deadline - now
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"call {ctx.service}.{ctx.method} not sent: its budget was already spent "
+                f"({-left * 1000:.1f} ms past the deadline)"
+            )
+        ctx.headers[TIMEOUT_KEY] = str(int(left * 1000) or 1)  # at least 1 ms: 0 means spent
 
 
 class ServerDeadline:

@@ -37,21 +37,36 @@ APP_ERROR = "APP_ERROR"  # an exception declared in the IDL
 
 
 class MethodStats:
-    """Counts of one (service, method): latency buckets (not cumulative), sum, codes."""
+    """Counts of one (service, method): latency buckets (not cumulative), sum, codes.
 
-    __slots__ = ("buckets", "codes", "total")
+    Successful calls are counted in ``ok`` (one attribute add per call instead of a
+    dict update) and reported as code ``OK``; ``in_flight`` is a level, not a count.
+    """
+
+    __slots__ = ("buckets", "codes", "in_flight", "ok", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
         self.total = 0.0
+        self.ok = 0
         self.codes: dict[str, int] = {}
+        self.in_flight = 0
 
     def add(self, other: MethodStats) -> None:
+        """Add ``other``'s counts (not its in-flight level)."""
         for i, n in enumerate(other.buckets):
             self.buckets[i] += n
         self.total += other.total
+        self.ok += other.ok
         for code, n in other.codes.items():
             self.codes[code] = self.codes.get(code, 0) + n
+
+    def code_counts(self) -> dict[str, int]:
+        """Calls by status code, ``OK`` included."""
+        codes = dict(self.codes)
+        if self.ok:
+            codes["OK"] = codes.get("OK", 0) + self.ok
+        return codes
 
 
 StatsTable = dict[tuple[str, str], MethodStats]
@@ -113,12 +128,23 @@ class _CallCollector(Collector):
             _merge(totals, dict(owner.table))
         return totals
 
+    def in_flight(self, service: str) -> int:
+        """Calls of ``service`` in flight now, over every live middleware."""
+        with self._lock:
+            owners = list(self._live)
+        return sum(
+            stats.in_flight
+            for owner in owners
+            for (name, _method), stats in list(owner.table.items())
+            if name == service
+        )
+
     def collect(self) -> Iterator[Metric]:
         requests, latency = self._families()
         assert isinstance(requests, CounterMetricFamily)
         assert isinstance(latency, HistogramMetricFamily)
         for (service, method), stats in sorted(self.snapshot().items()):
-            for code, n in sorted(stats.codes.items()):
+            for code, n in sorted(stats.code_counts().items()):
                 requests.add_metric([service, method, code], n)
             cumulative = 0
             buckets = []
@@ -148,9 +174,9 @@ class RpcMetrics:
         self.in_flight = Gauge(
             f"{prefix}_in_flight", f"RPC calls in flight by {who}", ["service"], registry=registry
         )
-        # In-flight counts are plain ints read at scrape time: two lock round-trips
-        # per call saved on the hot path.
-        self.in_flight_counts: dict[str, int] = {}
+        # In-flight levels are plain ints on each MethodStats, summed at scrape time:
+        # two lock round-trips per call saved on the hot path.
+        self._tracked: set[str] = set()
         self.connections = Gauge(
             f"{prefix}_connections",
             f"Open RPC connections by {who}",
@@ -159,11 +185,11 @@ class RpcMetrics:
         )
 
     def track_in_flight(self, service: str) -> None:
-        """Expose ``in_flight_counts[service]`` as the in-flight gauge of ``service``."""
-        if service not in self.in_flight_counts:
-            self.in_flight_counts[service] = 0
-            counts = self.in_flight_counts
-            self.in_flight.labels(service).set_function(lambda: counts.get(service, 0))
+        """Expose the calls of ``service`` in flight as its in-flight gauge."""
+        if service not in self._tracked:
+            self._tracked.add(service)
+            calls = self.calls
+            self.in_flight.labels(service).set_function(lambda: calls.in_flight(service))
 
     @classmethod
     def get(cls, side: str, registry: CollectorRegistry | None = None) -> RpcMetrics:
@@ -195,33 +221,29 @@ class MetricsMiddleware(HookStage):
     def __init__(self, metrics: RpcMetrics, service: str | None = None) -> None:
         self.metrics = metrics
         self.service = service
-        self._in_flight = metrics.in_flight_counts
         self.table: StatsTable = {}
         metrics.calls.adopt(self, self.table)
 
-    def enter(self, ctx: CallContext) -> tuple[str, MethodStats, float]:
-        service = self.service or ctx.service
-        in_flight = self._in_flight
-        if service not in in_flight:
-            self.metrics.track_in_flight(service)
-        key = (service, ctx.method)
+    def enter(self, ctx: CallContext) -> tuple[MethodStats, float]:
+        key = (self.service or ctx.service, ctx.method)
         stats = self.table.get(key)
         if stats is None:
+            self.metrics.track_in_flight(key[0])
             stats = self.table[key] = MethodStats()
-        in_flight[service] += 1
-        return service, stats, time.perf_counter()
+        stats.in_flight += 1
+        return stats, time.perf_counter()
 
     def exit(
-        self, ctx: CallContext, token: tuple[str, MethodStats, float], error: BaseException | None
+        self, ctx: CallContext, token: tuple[MethodStats, float], error: BaseException | None
     ) -> None:
-        service, stats, start = token
+        stats, start = token
         elapsed = time.perf_counter() - start
-        self._in_flight[service] -= 1
+        stats.in_flight -= 1
         stats.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         stats.total += elapsed
-        if error is None:
-            code = APP_ERROR if ctx.extras.get("app_error") else "OK"
-        else:
-            code = status_label(error, ctx)
+        if error is None and not (ctx.extras and "app_error" in ctx.extras):
+            stats.ok += 1
+            return
+        code = status_label(error, ctx)
         codes = stats.codes
         codes[code] = codes.get(code, 0) + 1

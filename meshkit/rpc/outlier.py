@@ -282,7 +282,12 @@ class OutlierEjection:
         if not host.ejected_until:  # answers that arrive while ejected are not judged
             if outcome is _SUCCESS:
                 host.failures = 0
-                self._sample(host, latency)
+                # _sample, inlined: this runs after every attempt
+                if host.samples:
+                    host.ewma += self.ewma_alpha * (latency - host.ewma)
+                else:
+                    host.ewma = latency
+                host.samples += 1
             else:
                 host.failures += 1
                 if isinstance(error, DeadlineExceeded):
