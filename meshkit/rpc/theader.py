@@ -122,6 +122,9 @@ _BARE_BLOCK = {int(p): bytes((int(p), 0, 0, 0)) for p in ProtocolId}
 # headers (the same budget, caller and trace flags), and a lookup costs far less than
 # encoding or parsing them again. Bounded: emptied when full.
 _CACHE_SIZE = 512
+# A block with a trace context is new on every call (a fresh span id each time): caching
+# it would only push out the blocks that repeat.
+_UNIQUE_KEY = "traceparent"
 _BLOCKS: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
 _PARSED: dict[bytes, dict[str, str]] = {}
 
@@ -182,8 +185,10 @@ def encode_frame(
         block = _BARE_BLOCK.get(protocol_id)
         if block is None:
             raise FrameError(_protocol_message(protocol_id))
-    elif not transforms and (
-        cached := _BLOCKS.get(cache_key := (protocol_id, tuple(headers.items())))  # type: ignore[union-attr]
+    elif (
+        not transforms
+        and _UNIQUE_KEY not in headers  # type: ignore[operator]
+        and (cached := _BLOCKS.get(cache_key := (protocol_id, tuple(headers.items()))))  # type: ignore[union-attr]
     ):
         block = cached
     else:
@@ -212,7 +217,7 @@ def encode_frame(
                 f"expected a header block of at most {MAX_HEADER_BLOCK} bytes, "
                 f"found {len(block)} bytes"
             )
-        if not transforms:
+        if not transforms and _UNIQUE_KEY not in headers:  # type: ignore[operator]
             _remember(_BLOCKS, cache_key, block)
     length = _FIXED_SIZE + len(block) + len(payload)
     if length > MAX_FRAME_LENGTH:
@@ -287,7 +292,7 @@ def _parse_info(block: bytes, max_headers: int) -> dict[str, str]:
     if cached is not None and len(cached) <= max_headers:
         return dict(cached)  # a copy: callers may change their headers
     headers = _parse_info_sections(block, max_headers)
-    if len(block) <= 256:
+    if len(block) <= 256 and _UNIQUE_KEY not in headers:
         _remember(_PARSED, block, dict(headers))
     return headers
 

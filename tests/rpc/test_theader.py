@@ -463,3 +463,20 @@ def test_header_block_caches_never_leak_between_frames() -> None:
     # the same block under a stricter limit is still refused
     with pytest.raises(FrameError, match="at most 1 headers"):
         decode_frame(first[4:], limits=HeaderLimits(max_headers=1))
+
+
+def test_blocks_with_a_trace_context_are_not_cached_but_round_trip() -> None:
+    from meshkit.rpc import theader
+
+    theader._BLOCKS.clear()
+    theader._PARSED.clear()
+    stable = {"meshkit-timeout-ms": "5000"}
+    for i in range(3):
+        traced = {**stable, "traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01"}
+        got = decode_frame(_body(encode_frame(b"p", seqid=i, headers=traced)))
+        assert got.headers == traced
+        got = decode_frame(_body(encode_frame(b"p", seqid=i, headers=stable)))
+        assert got.headers == stable
+    # one entry each: the repeating block, never the ones made unique by a span id
+    assert len(theader._BLOCKS) == 1
+    assert len(theader._PARSED) == 1
