@@ -340,7 +340,15 @@ class OTelHook:
         try:
             kind = type(span)
             if kind is TailSpan:
-                self._end_tail(span, ctx, error)
+                # what FastRecorder.tail_end decides, inline: most of these end here
+                now = time.time_ns()
+                rule = self._recorder.tail_rule()
+                if (
+                    rule is None
+                    or (rule[0] and (error is not None or (span._notes is not None and span.erred)))
+                    or (rule[1] is not None and now - span._start >= rule[1])
+                ):
+                    self._end_tail(span, ctx, error)
             elif span is not None and kind is not NonRecordingSpan:  # (nothing to end)
                 if span.is_recording():
                     self._finish(span, ctx, error)
