@@ -342,8 +342,11 @@ class OTelHook:
             if kind is TailSpan:
                 # what FastRecorder.tail_end decides, inline: most of these end here
                 now = time.time_ns()
-                rule = self._recorder.tail_rule()
-                if (
+                recorder = self._recorder
+                rule = None if recorder is None else recorder.tail_rule()
+                if recorder is None:
+                    pass  # the provider went away during the call: nothing to keep it in
+                elif (
                     rule is None
                     or (rule[0] and (error is not None or (span._notes is not None and span.erred)))
                     or (rule[1] is not None and now - span._start >= rule[1])
