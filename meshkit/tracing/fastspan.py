@@ -13,8 +13,10 @@ handler works, and spans the application starts inside a call are its children).
 With meshkit's own sampler and the SDK's random id generator (what meshkit installs),
 :meth:`FastRecorder.begin` decides without calling them: the root by the same trace-id
 ratio test as ``TraceIdRatioBased``, a child by its parent's sampled flag. Then a span the
-decision does not record costs an id, a ``SpanContext`` and a ``NonRecordingSpan``: the
-caller builds no attributes for it. Any other sampler or id generator is called as the SDK
+decision does not record costs an id, a ``SpanContext`` and a ``NonRecordingSpan``, and
+one recorded only for tail keeping a :class:`~meshkit.tracing.tailspan.TailSpan` (built
+into a full span by :meth:`FastRecorder.build_kept` only when it is kept): the caller
+builds no attributes for either. Any other sampler or id generator is called as the SDK
 would call it.
 
 Used only with an SDK ``TracerProvider`` whose processor list can be reached
@@ -47,6 +49,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
+from .tailspan import TailSpan
+
 __all__ = ["FastRecorder", "FastSpan", "recorder_for"]
 
 _SCOPE = InstrumentationScope("meshkit")
@@ -73,11 +77,10 @@ class FastSpan(ReadableSpan, trace.Span):
     _links: Sequence[trace.Link] = ()
     _status = _UNSET
     _end_time: int | None = None
+    #: when set, the end time :meth:`end` uses by default (a span built after the fact)
+    end_ns: int | None = None
     _instrumentation_scope = _SCOPE
     _instrumentation_info = None
-    #: for a span recorded only for tail keeping: how to build the attributes it started
-    #: with, deferred until it is known to be kept (FastRecorder.discard_if_unneeded)
-    deferred: Any = None
 
     def __init__(
         self,
@@ -161,7 +164,7 @@ class FastSpan(ReadableSpan, trace.Span):
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is not None:
             return
-        self._end_time = end_time or time.time_ns()
+        self._end_time = end_time or self.end_ns or time.time_ns()
         recorder = self._recorder
         if recorder.tail_rule() is not None and len(recorder.processors) == 1:
             recorder.processors[0].on_end(self)  # meshkit's export queue, directly
@@ -213,21 +216,38 @@ class FastRecorder:
             self._processors_seen = processors
         return self._tail_rule
 
-    def discard_if_unneeded(self, span: FastSpan, error: bool) -> bool:
-        """End ``span`` (unsampled, ending) *without* telling the processors when every one
-        of them would drop it (meshkit's export queue: neither an error nor slow); ``True``
-        when it did. Its attributes are then never read."""
-        rule = self.tail_rule()
-        if rule is None:
-            return False
-        keep_errors, slow_ns = rule
-        if keep_errors and (error or span._status.status_code is StatusCode.ERROR):
-            return False
+    def tail_end(self, span: TailSpan, error: bool) -> int | None:
+        """The end time of ``span`` when the export queue keeps it (an error, or slow),
+        else ``None``: then it is simply forgotten."""
         now = time.time_ns()
-        if slow_ns is not None and now - span._start_time >= slow_ns:
-            return False
-        span._end_time = now
-        return True
+        rule = self.tail_rule()
+        if rule is None:  # another processor reads every recorded span: build it
+            return now
+        keep_errors, slow_ns = rule
+        if keep_errors and (error or span.erred):
+            return now
+        if slow_ns is not None and now - span._start >= slow_ns:
+            return now
+        return None
+
+    def build_kept(
+        self, span: TailSpan, name: str, attributes: dict[str, Any], end_ns: int
+    ) -> FastSpan:
+        """The full span of an outline :meth:`tail_end` keeps: ``attributes`` under what
+        user code set on it; end it with :meth:`FastSpan.end` (it ends at ``end_ns``)."""
+        full = self.record(name, span._kind, span._context, span._parent, attributes)
+        full._start_time = span._start
+        full.end_ns = end_ns
+        notes = span._notes
+        if notes is not None:
+            full._attributes.update(notes.attributes)
+            if notes.events:
+                full._events = [Event(n, a, t) for n, a, t in notes.events]
+            if notes.name is not None:
+                full._name = notes.name
+            if notes.status is not None:
+                full._status = notes.status
+        return full
 
     def begin(self, parent: SpanContext | None) -> tuple[SpanContext, bool]:
         """Only when :attr:`inline`: a new span's context under ``parent`` (a valid one,

@@ -37,6 +37,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
 from ..errors import ConfigError, MeshkitError
 from . import provider as _provider
 from . import w3c
+from .tailspan import TailSpan
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -47,6 +48,7 @@ _ERROR = StatusCode.ERROR
 
 
 _EMPTY = otel_context.Context()
+_dict_set = dict.__setitem__
 
 
 def _context_var() -> tuple[Any, str] | None:
@@ -72,9 +74,9 @@ def _make_current(span: Any, parent: Any = None) -> Any:
     if _FAST_CONTEXT is None:
         return otel_context.attach(trace.set_span_in_context(span, parent))
     var, key = _FAST_CONTEXT
-    values = dict(var.get() if parent is None else parent)
-    values[key] = span
-    return var.set(otel_context.Context(values))
+    context = otel_context.Context(var.get() if parent is None else parent)
+    _dict_set(context, key, span)  # (Context refuses item assignment; it is new here)
+    return var.set(context)
 
 
 def _current_span_context() -> Any:
@@ -183,42 +185,66 @@ class OTelHook:
 
     # -- client ---------------------------------------------------------------------
 
+    def _provider_now(self) -> object:
+        """The provider in use: the hook's own, else the global one."""
+        provider = self._provider
+        if provider is None:
+            provider = getattr(trace, "_TRACER_PROVIDER", None) or trace.get_tracer_provider()
+        return provider
+
     def start_client(self, ctx: Any) -> Any:
-        if not self._recording():
+        now = time.monotonic()  # the budget left is read before the first call's setup
+        if not (self._recording_cached if now < self._recording_until else self._recording()):
             # No SDK: no spans to record, but carry on a trace someone else started.
             if _FAST_CONTEXT is not None and _FAST_CONTEXT[0].get().get(_FAST_CONTEXT[1]) is None:
                 return None  # no span at all: the common case, one dict lookup
             if _current_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
-        now = time.monotonic()  # the budget left is read before the first call's setup
-        self._tracer()
+        if self._provider_now() is not self._tracer_from:
+            self._tracer()
         recorder = self._recorder
-        if recorder is not None and recorder.inline:
-            # decided before any attribute is built: an unrecorded span costs its ids
-            parent = _current_span_context()
-            if not parent[5]:  # is_valid
-                parent = None
+        if recorder is not None and recorder.inline and _FAST_CONTEXT is not None:
+            # decided before any attribute is built: an unsampled span costs its ids
+            var, key = _FAST_CONTEXT
+            values = var.get()
+            current = values.get(key)
+            parent = None
+            if current is not None and isinstance(current, trace.Span):
+                parent = current.get_span_context()
+                if not parent[5]:  # is_valid (SpanContext fields by index)
+                    parent = None
             span_context, recording = recorder.begin(parent)
-            if recording:
-                lazy = not span_context[3] and recorder.tail_rule() is not None
+            span: Any
+            if span_context[3]:  # sampled
                 span = recorder.record(
                     _name(ctx.service, ctx.method),
                     _CLIENT,
                     span_context,
                     parent,
-                    {} if lazy else _client_attributes(ctx, now),
+                    _client_attributes(ctx, now),
                 )
-                if lazy:  # recorded for tail keeping only: attributes when it is kept
-                    span.deferred = (_client_attributes, now)
-            else:
+            elif not recording:
                 span = NonRecordingSpan(span_context)
-        else:
-            attributes = _client_attributes(ctx, now)
-            span = self._start(_name(ctx.service, ctx.method), _CLIENT, attributes)
-            span_context = span.get_span_context()
+            elif recorder.tail_rule() is not None:  # kept in outline until its end
+                span = TailSpan(span_context, parent, _CLIENT, time.time_ns())
+            else:  # another processor reads every recorded span
+                span = recorder.record(
+                    _name(ctx.service, ctx.method),
+                    _CLIENT,
+                    span_context,
+                    parent,
+                    _client_attributes(ctx, now),
+                )
+            context = otel_context.Context(values)
+            _dict_set(context, key, span)
+            token = var.set(context)
+            w3c.inject(ctx.headers, span_context, values)
+            return span, token
+        attributes = _client_attributes(ctx, now)
+        span = self._start(_name(ctx.service, ctx.method), _CLIENT, attributes)
         token = _make_current(span)
-        w3c.inject(ctx.headers, span_context)
+        w3c.inject(ctx.headers, span.get_span_context())
         return span, token
 
     def start_attempt(self, ctx: Any) -> Any:
@@ -226,7 +252,7 @@ class OTelHook:
         if not self._recording():
             return None
         parent = trace.get_current_span()
-        if not parent.is_recording():
+        if not parent.is_recording() and type(parent) is not TailSpan:
             return None
         kind = "hedge" if ctx.extras.get("hedge") else "retry"
         parent.add_event(kind, {"meshkit.attempt": ctx.attempt})
@@ -246,12 +272,13 @@ class OTelHook:
 
     def start_server(self, ctx: Any) -> Any:
         headers = ctx.headers
-        if not self._recording():
+        now = time.monotonic()
+        if not (self._recording_cached if now < self._recording_until else self._recording()):
             if "traceparent" not in headers:
                 return None
             return None, otel_context.attach(w3c.extract(headers))
-        now = time.monotonic()
-        self._tracer()
+        if self._provider_now() is not self._tracer_from:
+            self._tracer()
         recorder = self._recorder
         caller = w3c.extract_span_context(headers)
         if caller is not None and recorder is not None and recorder.inline:
@@ -259,19 +286,27 @@ class OTelHook:
             if not caller[5]:  # is_valid
                 caller = None
             span_context, recording = recorder.begin(caller)
-            if recording:
-                lazy = not span_context[3] and recorder.tail_rule() is not None
-                span: Any = recorder.record(
+            span: Any
+            if span_context[3]:  # sampled
+                span = recorder.record(
                     _name(ctx.service, ctx.method),
                     _SERVER,
                     span_context,
                     caller,
-                    {} if lazy else self._server_attributes(ctx, now),
+                    self._server_attributes(ctx, now),
                 )
-                if lazy:
-                    span.deferred = (self._server_attributes, now)
-            else:
+            elif not recording:
                 span = NonRecordingSpan(span_context)
+            elif recorder.tail_rule() is not None:  # kept in outline until its end
+                span = TailSpan(span_context, caller, _SERVER, time.time_ns())
+            else:
+                span = recorder.record(
+                    _name(ctx.service, ctx.method),
+                    _SERVER,
+                    span_context,
+                    caller,
+                    self._server_attributes(ctx, now),
+                )
             return span, _make_current(span, _EMPTY)
         parent = w3c.extract(headers)
         span = self._start(
@@ -305,7 +340,21 @@ class OTelHook:
             return
         span, token = handle
         try:
-            if span is not None and type(span) is not NonRecordingSpan:  # (nothing to end)
+            kind = type(span)
+            if kind is TailSpan:
+                # what FastRecorder.tail_end decides, inline: most of these end here
+                now = time.time_ns()
+                recorder = self._recorder
+                rule = None if recorder is None else recorder.tail_rule()
+                if recorder is None:
+                    pass  # the provider went away during the call: nothing to keep it in
+                elif (
+                    rule is None
+                    or (rule[0] and (error is not None or (span._notes is not None and span.erred)))
+                    or (rule[1] is not None and now - span._start >= rule[1])
+                ):
+                    self._end_tail(span, ctx, error)
+            elif span is not None and kind is not NonRecordingSpan:  # (nothing to end)
                 if span.is_recording():
                     self._finish(span, ctx, error)
                 span.end()
@@ -319,17 +368,26 @@ class OTelHook:
                     except Exception:  # as opentelemetry.context.detach: say it, go on
                         log.exception("Failed to detach context")
 
+    def _end_tail(self, span: TailSpan, ctx: Any, error: BaseException | None) -> None:
+        """The end of an unsampled span kept in outline: usually nothing more; when it
+        erred or was slow, the full span is built and exported (tail keeping)."""
+        recorder = self._recorder
+        end_ns = recorder.tail_end(span, error is not None)
+        if end_ns is None:
+            return
+        started = time.monotonic() - (end_ns - span._start) / 1e9  # for the budget left
+        if span._kind is _SERVER:
+            attributes = self._server_attributes(ctx, started)
+        else:
+            attributes = _client_attributes(ctx, started)
+        full = recorder.build_kept(span, _name(ctx.service, ctx.method), attributes, end_ns)
+        self._finish(full, ctx, error)
+        full.end()
+
     @staticmethod
     def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
         # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
         own: dict[str, Any] | None = getattr(span, "raw_attributes", None)
-        deferred = getattr(span, "deferred", None)
-        if deferred is not None and own is not None:
-            span.deferred = None
-            if span._recorder.discard_if_unneeded(span, error is not None):
-                return  # ended: every processor would have dropped it
-            build, started = deferred
-            own.update({**build(ctx, started), **own})  # what the handler set wins
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
         if (span._kind if own is not None else span.kind) is _CLIENT:

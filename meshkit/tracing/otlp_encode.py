@@ -15,9 +15,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
+
+from .fastspan import FastSpan
 
 __all__ = ["OtlpHttpExporter", "encode_request"]
 
@@ -112,6 +116,14 @@ def _attributes(field_tag: int, attributes: Any) -> bytes:
                     cache.clear()
                 cache[cache_key] = field
             parts.append(field)
+        elif kind is float:  # (meshkit.deadline_ms: a new value nearly every span)
+            encoded_key = _key_cache.get(key)
+            if encoded_key is None:
+                kv = _pair(key, value)
+            else:  # KeyValue.value (2): 9 bytes of AnyValue.double_value (4, fixed64)
+                kv = encoded_key + b"\x12\x09\x21" + _pack_d(value)
+            size = len(kv)
+            parts.append(prefix + (_TAGS[size] if size < 128 else _varint(size)) + kv)
         else:
             kv = _pair(key, value)
             parts.append(prefix + _varint(len(kv)) + kv)
@@ -123,25 +135,54 @@ _pack_times = struct.Struct("<BQBQ").pack  # 7, 8: fixed64 start and end times
 _FLAGS_LOCAL = b"\x85\x01" + _pack_i(0x100)  # 16: fixed32 flags, "has is_remote"
 _FLAGS_REMOTE = b"\x85\x01" + _pack_i(0x300)  # … and "parent is remote", as the SDK
 _name_kind: dict[tuple[str, Any], bytes] = {}
+# classes whose fields are the SDK ReadableSpan's own (``_context``, ``_name``, …), read
+# directly; any other class (a subclass may override a property) is read through them
+_DIRECT: frozenset[type] = frozenset(
+    cls for cls in (ReadableSpan, SdkSpan, getattr(sdk_trace, "_Span", None), FastSpan) if cls
+)
+
+
+def _fields(span: ReadableSpan) -> tuple[Any, ...]:
+    """What is encoded of ``span``: its fields directly when its class keeps them where
+    the SDK's do (each property read is a Python call), else through the properties."""
+    if span.__class__ in _DIRECT:
+        return (
+            span._context,
+            span._parent,
+            span._name,
+            span._kind,
+            span._start_time,
+            span._end_time,
+            span._attributes,
+            span._events,
+            span._links,
+            span._status,
+        )
+    return (
+        span.context,
+        span.parent,
+        span.name,
+        span.kind,
+        span.start_time,
+        span.end_time,
+        span.attributes,
+        span.events,
+        span.links,
+        span.status,
+    )
 
 
 def _span(span: ReadableSpan) -> bytes:
-    ctx = span.context
+    ctx, parent, name, kind, start, end, attributes, events, links, status = _fields(span)
     assert ctx is not None
-    # 1: trace_id, 2: span_id
-    out = [
-        b"\x0a\x10"
-        + ctx.trace_id.to_bytes(16, "big")
-        + b"\x12\x08"
-        + ctx.span_id.to_bytes(8, "big")
-    ]
-    state = ctx.trace_state.to_header() if ctx.trace_state else ""
+    # SpanContext fields by index (its properties are Python calls): 0 trace id,
+    # 1 span id, 2 is_remote, 4 trace state. 1: trace_id, 2: span_id
+    out = [b"\x0a\x10" + ctx[0].to_bytes(16, "big") + b"\x12\x08" + ctx[1].to_bytes(8, "big")]
+    state = ctx[4]
     if state:
-        out.append(_len_field(_tag(3, 2), state.encode()))
-    parent = span.parent
+        out.append(_len_field(_tag(3, 2), state.to_header().encode()))
     if parent is not None:
-        out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))  # 4: parent_span_id
-    name, kind = span.name, span.kind
+        out.append(b"\x22\x08" + parent[1].to_bytes(8, "big"))  # 4: parent_span_id
     name_kind = _name_kind.get((name, kind))
     if name_kind is None:
         # 5: name, 6: kind (proto enum = SDK + 1)
@@ -151,22 +192,19 @@ def _span(span: ReadableSpan) -> bytes:
             _name_kind.clear()
         _name_kind[(name, kind)] = name_kind
     out.append(name_kind)
-    out.append(_pack_times(0x39, span.start_time or 0, 0x41, span.end_time or 0))
-    # meshkit's FastSpan: the dict itself rather than a read-only view of it
-    attributes = getattr(span, "raw_attributes", None)
-    out.append(_attributes(_F9, span.attributes if attributes is None else attributes))
-    for event in span.events:
+    out.append(_pack_times(0x39, start or 0, 0x41, end or 0))
+    out.append(_attributes(_F9, attributes))
+    for event in events or ():
         body = b"\x09" + _pack_q(event.timestamp) + _len_field(_tag(2, 2), event.name.encode())
         body += _attributes(_tag(3, 2), event.attributes)
         out.append(_len_field(_tag(11, 2), body))
-    for link in span.links:
+    for link in links or ():
         lctx = link.context
         body = b"\x0a\x10" + lctx.trace_id.to_bytes(16, "big")
         body += b"\x12\x08" + lctx.span_id.to_bytes(8, "big")
         body += _attributes(_tag(4, 2), link.attributes)
         body += b"\x35" + _pack_i(0x300 if lctx.is_remote else 0x100)  # 6: fixed32 flags
         out.append(_len_field(_tag(13, 2), body))
-    status = span.status
     if status.status_code is not StatusCode.UNSET or status.description:
         code = status.status_code.value
         body = b""
@@ -175,7 +213,7 @@ def _span(span: ReadableSpan) -> bytes:
         if code:
             body += b"\x18" + _varint(code)
         out.append(_len_field(_tag(15, 2), body))
-    out.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
+    out.append(_FLAGS_REMOTE if parent is not None and parent[2] else _FLAGS_LOCAL)
     return b"".join(out)
 
 
@@ -183,11 +221,12 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` for ``spans``, grouped by resource and scope."""
     groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
     for span in spans:
-        resource = span.resource
+        direct = span.__class__ in _DIRECT
+        resource = span._resource if direct else span.resource
         entry = groups.get(id(resource))
         if entry is None:
             entry = groups[id(resource)] = (resource, {})
-        scope = span.instrumentation_scope
+        scope = span._instrumentation_scope if direct else span.instrumentation_scope
         key = (scope.name, scope.version or "") if scope is not None else ("", "")
         entry[1].setdefault(key, []).append(_span(span))
     out = []

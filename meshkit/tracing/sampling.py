@@ -9,9 +9,10 @@ Tail keeping (``tail=True``, the default): spans the ratio skips are still *reco
 processor (:class:`meshkit.tracing.export.ExportQueue`) exports those that ended in error
 or ran longer than the slow threshold, marked ``meshkit.kept``. The error path of a skipped
 trace therefore reaches the collector from every hop that saw the error, without any
-coordination between services. meshkit's own RPC spans of a skipped trace are cheap to
-record: their attributes are built only once the span is known to be kept (see
-:mod:`meshkit.tracing.fastspan`); ``tail=False`` makes skipped spans non-recording.
+coordination between services. meshkit's own RPC spans of a skipped trace cost little
+more than not recording them: they are kept in outline (context, parent, start time) and
+built in full only when they end in error or slow (:mod:`meshkit.tracing.tailspan`);
+``tail=False`` makes skipped spans non-recording.
 """
 
 from __future__ import annotations

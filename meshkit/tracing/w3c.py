@@ -56,12 +56,17 @@ _new_context = tuple.__new__
 _NO_STATE = DEFAULT_TRACE_STATE
 
 
+# the module global get_global_textmap() returns: read with one dict look-up per call
+_PROPAGATE_GLOBALS = vars(propagate)
+_TEXTMAP_NAME = "_HTTP_TEXT_FORMAT"
+
+
 def uses_default_propagators() -> bool:
     """Whether the global propagator is exactly W3C trace context + W3C baggage."""
     global _checked
-    textmap = propagate.get_global_textmap()
-    if _checked[0] is textmap:
+    if _checked[0] is _PROPAGATE_GLOBALS.get(_TEXTMAP_NAME, _PROPAGATE_GLOBALS):
         return _checked[1]
+    textmap = propagate.get_global_textmap()
     parts = getattr(textmap, "_propagators", None)
     ok = (
         isinstance(textmap, CompositePropagator)
@@ -72,9 +77,20 @@ def uses_default_propagators() -> bool:
     return ok
 
 
-def inject(headers: MutableMapping[str, str], span_context: SpanContext) -> None:
-    """Write ``span_context`` (and the current baggage) as the default propagators would."""
-    if not uses_default_propagators():
+def inject(
+    headers: MutableMapping[str, str],
+    span_context: SpanContext,
+    current: Mapping[str, object] | None = None,
+) -> None:
+    """Write ``span_context`` (and the current baggage) as the default propagators would.
+
+    ``current``: the current context's values when the caller has them at hand (its
+    baggage is the one written).
+    """
+    checked = _checked
+    if (
+        checked[0] is not _PROPAGATE_GLOBALS.get(_TEXTMAP_NAME) or not checked[1]
+    ) and not uses_default_propagators():
         propagate.inject(headers)
         return
     if span_context[5]:  # is_valid (SpanContext fields by index: properties are calls)
@@ -87,7 +103,10 @@ def inject(headers: MutableMapping[str, str], span_context: SpanContext) -> None
         state = span_context[4]
         if state is not _NO_STATE and state:
             headers["tracestate"] = state.to_header()
-    if _current_baggage():
+    if current is not None and _BAGGAGE_KEY is not None:
+        if current.get(_BAGGAGE_KEY):
+            _baggage.inject(headers)
+    elif _current_baggage():
         _baggage.inject(headers)
 
 

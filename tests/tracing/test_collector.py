@@ -283,3 +283,31 @@ async def test_mq_producer_and_consumer_traces_are_linked(collector: Collector) 
     assert span["links"] == [{"trace_id": TRACE_A, "span_id": "00000000000000a1", "attrs": {}}]
     _, deps = await get_json(collector.url + "/api/dependencies?window_s=600")
     assert [(e["caller"], e["callee"]) for e in deps["edges"]] == [("shop", "orders")]
+
+
+def test_protobuf_spans_with_bad_ids_are_rejected_one_by_one() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from meshkit.tracing.collector.otlp import decode_protobuf
+
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    cases = [
+        (bytes.fromhex(TRACE_A), b"\x00" * 7 + b"\x01", b"", "good"),
+        (b"\x01" * 15, b"\x00" * 7 + b"\x02", b"", "short trace id"),
+        (bytes(16), b"\x00" * 7 + b"\x03", b"", "zero trace id"),
+        (bytes.fromhex(TRACE_A), bytes(8), b"", "zero span id"),
+        (bytes.fromhex(TRACE_A), b"\x00" * 7 + b"\x05", b"\x01" * 9, "long parent id"),
+        (bytes.fromhex(TRACE_A), b"\x00" * 7 + b"\x06", b"\x00" * 7 + b"\x01", "child"),
+    ]
+    for trace_id, span_id, parent_id, name in cases:
+        span = spans.add(trace_id=trace_id, span_id=span_id, parent_span_id=parent_id, name=name)
+        span.start_time_unix_nano, span.end_time_unix_nano = 1000, 2000
+    decoded = decode_protobuf(request.SerializeToString())
+    assert [s.name for s in decoded.spans] == ["good", "child"]
+    assert decoded.spans[1].parent_id == "0000000000000001"
+    assert decoded.spans[0].trace_id == TRACE_A
+    assert decoded.rejected == 4
+    assert "spans[1]" in decoded.first_error and "traceId" in decoded.first_error
