@@ -49,7 +49,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
-from .tailspan import TailSpan
+from .tailspan import TailSpan, exception_attributes
 
 __all__ = ["FastRecorder", "FastSpan", "recorder_for"]
 
@@ -152,14 +152,7 @@ class FastSpan(ReadableSpan, trace.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        event_attributes: dict[str, Any] = {
-            "exception.type": type(exception).__qualname__,
-            "exception.message": str(exception),
-            "exception.escaped": str(escaped),
-        }
-        if attributes:
-            event_attributes.update(attributes)
-        self.add_event("exception", event_attributes, timestamp)
+        self.add_event("exception", exception_attributes(exception, attributes, escaped), timestamp)
 
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is not None:

@@ -41,6 +41,20 @@ class Notes:
         self.status: Status | None = None
 
 
+def exception_attributes(
+    exception: BaseException, attributes: types.Attributes, escaped: bool
+) -> dict[str, Any]:
+    """The attributes of a span's ``exception`` event (OpenTelemetry's semantic conventions)."""
+    event_attributes: dict[str, Any] = {
+        "exception.type": type(exception).__qualname__,
+        "exception.message": str(exception),
+        "exception.escaped": str(escaped),
+    }
+    if attributes:
+        event_attributes.update(attributes)
+    return event_attributes
+
+
 class TailSpan(NonRecordingSpan):
     """An unsampled meshkit span in outline (see the module documentation)."""
 
@@ -91,14 +105,7 @@ class TailSpan(NonRecordingSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        event_attributes: dict[str, Any] = {
-            "exception.type": type(exception).__qualname__,
-            "exception.message": str(exception),
-            "exception.escaped": str(escaped),
-        }
-        if attributes:
-            event_attributes.update(attributes)
-        self.add_event("exception", event_attributes, timestamp)
+        self.add_event("exception", exception_attributes(exception, attributes, escaped), timestamp)
 
     @property
     def erred(self) -> bool:
