@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from echo_support import EchoImpl, echo_thrift
+from echo_support import EchoImpl
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import attach, detach
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from prometheus_client import CollectorRegistry
+from tracing_support import traced_echo
 
-from meshkit import Client, Service
 from meshkit.tracing import w3c
 from meshkit.tracing.otel import OTelHook
 from meshkit.tracing.provider import TraceSettings, build_provider
@@ -84,22 +84,8 @@ async def test_handlers_can_annotate_the_server_span() -> None:
         TraceSettings(), exporter=exporter, metrics_registry=CollectorRegistry()
     )
     hook = OTelHook(tracer_provider=provider)
-    svc = Service(
-        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
-    )
-    svc.implement(Tagging())
-    await svc.start(port=0, health_port=0)
-    try:
-        async with Client(
-            echo_thrift.Echo,
-            "echo",
-            addr=f"127.0.0.1:{svc.port}",
-            tracer=hook,
-            metrics_registry=CollectorRegistry(),
-        ) as client:
-            await client.echo("x")
-    finally:
-        await svc.stop(drain_timeout=1.0)
+    async with traced_echo(hook, Tagging()) as client:
+        await client.echo("x")
     provider.force_flush()
     spans: list[Any] = list(exporter.get_finished_spans())
     (server,) = [s for s in spans if s.kind.name == "SERVER"]
@@ -154,27 +140,13 @@ class Failing(EchoImpl):
 
 async def _calls(provider: Any, messages: list[str]) -> None:
     hook = OTelHook(tracer_provider=provider)
-    svc = Service(
-        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
-    )
-    svc.implement(Failing())
-    await svc.start(port=0, health_port=0)
-    try:
-        async with Client(
-            echo_thrift.Echo,
-            "echo",
-            addr=f"127.0.0.1:{svc.port}",
-            tracer=hook,
-            metrics_registry=CollectorRegistry(),
-        ) as client:
-            for message in messages:
-                try:
-                    await client.echo(message)
-                except Exception:
-                    if message != "fail":
-                        raise
-    finally:
-        await svc.stop(drain_timeout=1.0)
+    async with traced_echo(hook, Failing()) as client:
+        for message in messages:
+            try:
+                await client.echo(message)
+            except Exception:
+                if message != "fail":
+                    raise
     provider.force_flush()
 
 
@@ -240,22 +212,8 @@ async def test_unsampled_slow_calls_are_kept_whole() -> None:
     settings = TraceSettings(sample=0.0, slow_ms=10)
     provider = build_provider(settings, exporter=exporter, metrics_registry=CollectorRegistry())
     hook = OTelHook(tracer_provider=provider)
-    svc = Service(
-        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
-    )
-    svc.implement(EchoImpl())
-    await svc.start(port=0, health_port=0)
-    try:
-        async with Client(
-            echo_thrift.Echo,
-            "echo",
-            addr=f"127.0.0.1:{svc.port}",
-            tracer=hook,
-            metrics_registry=CollectorRegistry(),
-        ) as client:
-            assert await client.slow(30) == 30  # ≥ 30 ms on both sides: slow
-    finally:
-        await svc.stop(drain_timeout=1.0)
+    async with traced_echo(hook, EchoImpl()) as client:
+        assert await client.slow(30) == 30  # ≥ 30 ms on both sides: slow
     provider.force_flush()
     spans: list[Any] = list(exporter.get_finished_spans())
     assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]

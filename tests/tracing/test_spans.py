@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CollectorRegistry
+from tracing_support import traced_echo
 from waiting import wait_until
 
 from meshkit import Client, Service
@@ -190,23 +191,9 @@ async def test_log_lines_inside_a_call_carry_its_trace_and_span_ids(
             log.info("handling", message=message)
             return message
 
-    svc = Service(
-        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
-    )
-    svc.implement(Logging())
-    await svc.start(port=0, health_port=0)
-    try:
-        async with Client(
-            echo_thrift.Echo,
-            "echo",
-            addr=f"127.0.0.1:{svc.port}",
-            tracer=hook,
-            metrics_registry=CollectorRegistry(),
-        ) as client:
-            await client.echo("hi")
-        log.info("outside")
-    finally:
-        await svc.stop(drain_timeout=1.0)
+    async with traced_echo(hook, Logging()) as client:
+        await client.echo("hi")
+    log.info("outside")
     hook._provider.force_flush()  # type: ignore[union-attr]
     spans = {s.kind.name: s for s in exporter.get_finished_spans()}
     records = [json.loads(line) for line in out.getvalue().splitlines()]

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
-from tracing_support import flushed, get_json, get_trace
+from tracing_support import flushed, get_json, get_trace, traced_echo
 
 from meshkit import Client, Service
 from meshkit.tracing.collector import Collector
@@ -206,22 +206,8 @@ async def test_a_tail_span_is_not_recording_yet_carries_the_trace() -> None:
             return message
 
     hook = OTelHook(tracer_provider=provider)
-    svc = Service(
-        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
-    )
-    svc.implement(Looking())
-    await svc.start(port=0, health_port=0)
-    try:
-        async with Client(
-            echo_thrift.Echo,
-            "echo",
-            addr=f"127.0.0.1:{svc.port}",
-            tracer=hook,
-            metrics_registry=CollectorRegistry(),
-        ) as client:
-            assert await client.echo("x") == "x"
-    finally:
-        await svc.stop(drain_timeout=1.0)
+    async with traced_echo(hook, Looking()) as client:
+        assert await client.echo("x") == "x"
     provider.force_flush()
     assert seen["recording"] is False
     assert seen["context"].is_valid and not seen["context"].trace_flags.sampled

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from echo_support import echo_thrift
+from prometheus_client import CollectorRegistry
 
+from meshkit import Client, Service
 from meshkit.tracing.collector import Collector
+from meshkit.tracing.otel import OTelHook
 
 
 async def get_json(url: str) -> tuple[int, Any]:
@@ -143,3 +149,25 @@ def fan_out_trace(
             attrs={"meshkit.service": "orders", "rpc.service": "db"},
         ),
     ]
+
+
+@contextlib.asynccontextmanager
+async def traced_echo(hook: OTelHook, implementation: Any) -> AsyncIterator[Any]:
+    """An echo :class:`Service` serving ``implementation`` and a :class:`Client` of it,
+    both traced by ``hook``; the service stops when the block ends."""
+    svc = Service(
+        "echo", echo_thrift.Echo, registry=None, tracer=hook, metrics_registry=CollectorRegistry()
+    )
+    svc.implement(implementation)
+    await svc.start(port=0, health_port=0)
+    try:
+        async with Client(
+            echo_thrift.Echo,
+            "echo",
+            addr=f"127.0.0.1:{svc.port}",
+            tracer=hook,
+            metrics_registry=CollectorRegistry(),
+        ) as client:
+            yield client
+    finally:
+        await svc.stop(drain_timeout=1.0)
