@@ -49,8 +49,18 @@ class HookStage:
         """Act after the rest of the chain (``error`` is what it raised, if anything)."""
         return None
 
-    def __call__(self, ctx: CallContext, call_next: Next) -> Awaitable[Any]:
-        return _fuse((self,), call_next)(ctx)
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        # Used on its own (outside a Pipeline): the same semantics as the fused form.
+        token = self.enter(ctx)
+        try:
+            result = await call_next(ctx)
+        except BaseException as exc:
+            if token is not None:
+                self.exit(ctx, token, exc)
+            raise
+        if token is not None:
+            self.exit(ctx, token, None)
+        return result
 
 
 def middleware_name(mw: object) -> str:
