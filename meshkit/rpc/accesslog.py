@@ -41,6 +41,9 @@ class AccessLog(HookStage):
         return enabled
 
     def enter(self, ctx: CallContext) -> float | None:
+        # _enabled's fast path, inlined: this runs on every call.
+        if time.monotonic() < self._enabled_until:
+            return time.perf_counter() if self._enabled_cached else None
         return time.perf_counter() if self._enabled() else None
 
     def exit(self, ctx: CallContext, token: float, error: BaseException | None) -> None:

@@ -217,7 +217,23 @@ class PeakEwma:
             j += 1
         a = endpoints[i]
         b = endpoints[j]
-        return a if self._cost(a, now) <= self._cost(b, now) else b
+        # _cost for both, inlined: this runs on every call.
+        peers = self._peers
+        decay = self.decay
+        costs = []
+        for endpoint in (a, b):
+            peer = peers.get(endpoint.address)
+            if peer is None:
+                peer = peers[endpoint.address] = _Peer(self.default_latency, now)
+            elapsed = now - peer.stamp
+            if elapsed > 0:  # decay on read: observe(0)
+                peer.ewma *= exp(-elapsed / decay)
+                peer.stamp = now
+            if peer.ewma == 0.0 and peer.pending:
+                costs.append(self.failure_penalty + peer.pending)
+            else:
+                costs.append(peer.ewma * (peer.pending + 1))
+        return a if costs[0] <= costs[1] else b
 
     # -- the observer
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import InvalidArgument, ResourceExhausted
 from .context import CallContext
-from .pipeline import Next
+from .pipeline import HookStage
 
 
-class ConcurrencyLimit:
+class ConcurrencyLimit(HookStage):
     """Admit at most ``limit`` calls at once; refuse the rest at once.
 
     A fixed limit; an adaptive limiter can replace this stage without touching others.
@@ -23,14 +21,14 @@ class ConcurrencyLimit:
         self.limit = limit
         self.in_flight = 0
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def enter(self, ctx: CallContext) -> bool:
         if self.in_flight >= self.limit:
             raise ResourceExhausted(
                 f"{ctx.service} is at its concurrency limit of {self.limit} calls; "
                 f"{ctx.method} shed, retry later or elsewhere"
             )
         self.in_flight += 1
-        try:
-            return await call_next(ctx)
-        finally:
-            self.in_flight -= 1
+        return True
+
+    def exit(self, ctx: CallContext, token: bool, error: BaseException | None) -> None:
+        self.in_flight -= 1

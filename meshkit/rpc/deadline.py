@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from ..errors import DeadlineExceeded
 from .context import TIMEOUT_KEY, CallContext
-from .pipeline import HookStage, Next
+from .pipeline import HookStage
 from .timers import DeadlineTimers
 
 _deadline: ContextVar[float | None] = ContextVar("meshkit_deadline", default=None)
@@ -95,7 +95,11 @@ class ClientDeadline(HookStage):
         ctx.headers[TIMEOUT_KEY] = str(int(left * 1000) or 1)  # at least 1 ms: 0 means spent
 
 
-class ServerDeadline:
+# The handler's task, the deadline context variable's token, the budget (seconds).
+_ServerToken = tuple[asyncio.Task[Any], Token[float | None], float]
+
+
+class ServerDeadline(HookStage):
     """Server side: refuse spent budgets, cancel the handler when the budget runs out.
 
     A call without a budget runs under ``default_timeout`` (``None``: unbounded).
@@ -110,18 +114,19 @@ class ServerDeadline:
         self._timers: DeadlineTimers[asyncio.Task[Any]] | None = None
         self._expired: set[asyncio.Task[Any]] = set()
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
-        budget = parse_timeout_ms(ctx.headers.get(TIMEOUT_KEY))
+    def enter(self, ctx: CallContext) -> _ServerToken | None:
+        sent = ctx.headers.get(TIMEOUT_KEY)
+        budget = parse_timeout_ms(sent) if sent else None
         if budget is None:
             budget = self.default_timeout
-        if budget is None:
-            return await call_next(ctx)
+            if budget is None:
+                return None
         if budget <= 0:
             raise DeadlineExceeded(
                 f"{ctx.service}.{ctx.method} refused: the caller's budget was already spent "
-                f"({TIMEOUT_KEY}={ctx.headers.get(TIMEOUT_KEY)})"
+                f"({TIMEOUT_KEY}={sent})"
             )
-        deadline = time.monotonic() + budget
+        deadline = _monotonic() + budget
         ctx.deadline = deadline
         task = asyncio.current_task()
         assert task is not None
@@ -129,22 +134,26 @@ class ServerDeadline:
         if timers is None:
             timers = self._timers = DeadlineTimers(self._expire, asyncio.get_running_loop())
         timers.add(task, deadline)
-        token = _deadline.set(deadline)
-        try:
-            return await call_next(ctx)
-        except asyncio.CancelledError:
-            if task in self._expired:
-                self._expired.discard(task)
+        return task, _deadline.set(deadline), budget
+
+    def exit(
+        self,
+        ctx: CallContext,
+        token: _ServerToken,
+        error: BaseException | None,
+    ) -> None:
+        task, context_token, budget = token
+        self._timers.discard(task)  # type: ignore[union-attr]  # set by enter
+        _deadline.reset(context_token)
+        expired = self._expired
+        if expired and task in expired:
+            expired.discard(task)
+            if isinstance(error, asyncio.CancelledError):
                 task.uncancel()
                 raise DeadlineExceeded(
                     f"{ctx.service}.{ctx.method} cancelled: its budget of "
                     f"{budget * 1000:.0f} ms ran out before the handler finished"
                 ) from None
-            raise
-        finally:
-            timers.discard(task)
-            self._expired.discard(task)
-            _deadline.reset(token)
 
     def _expire(self, task: asyncio.Task[Any]) -> None:
         self._expired.add(task)

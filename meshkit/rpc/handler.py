@@ -20,7 +20,7 @@ from thriftpy2.thrift import TApplicationException
 
 from ..errors import InvalidArgument, MeshkitError, Unimplemented
 from .context import CallContext
-from .pipeline import Next
+from .pipeline import HookStage
 
 
 @dataclass(slots=True)
@@ -96,7 +96,7 @@ class MethodTable:
         )
 
 
-class Decode:
+class Decode(HookStage):
     """First server stage: decode the argument struct of the message."""
 
     name = "decode"
@@ -104,7 +104,7 @@ class Decode:
     def __init__(self, table: MethodTable) -> None:
         self.table = table
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+    def enter(self, ctx: CallContext) -> None:
         spec = self.table.specs[ctx.method]
         args = spec.args_cls()
         try:
@@ -115,7 +115,6 @@ class Decode:
             ) from None
         ctx.args = args
         ctx.raw = None
-        return await call_next(ctx)
 
 
 class Handler:

@@ -9,11 +9,13 @@ time, label, pick) can take the *hook form* instead: subclass :class:`HookStage`
 and write ``enter(ctx) -> token`` and ``exit(ctx, token, error)``. The pipeline
 runs consecutive hook stages in one coroutine frame, so each costs two plain
 calls per call instead of a coroutine of its own; calling a hook stage directly
-as a middleware still works.
+as a middleware still works. A stage that runs the rest of the chain again (retries)
+is a :class:`LoopStage`: a hook stage with ``again(ctx, token, error) -> delay``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -63,6 +65,45 @@ class HookStage:
         return result
 
 
+class LoopStage(HookStage):
+    """A hook stage that may run the rest of the chain again: retries.
+
+    When the rest of the chain raised an :class:`Exception` (cancellation goes straight
+    through), ``again(ctx, token, error)`` decides: the seconds to wait before running
+    the rest again (``0``: at once), or ``None`` to let ``error`` through. ``again``
+    may raise to fail the call with another error. ``exit`` runs once, with the final
+    outcome; a ``None`` token from ``enter`` means neither ``again`` nor ``exit`` runs.
+    The stages after this one enter and exit once per run.
+    """
+
+    name = "loop"
+
+    def again(self, ctx: CallContext, token: Any, error: Exception) -> float | None:
+        """Seconds to wait before running the rest of the chain again, or ``None``."""
+        return None
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        token = self.enter(ctx)
+        try:
+            while True:
+                try:
+                    result = await call_next(ctx)
+                    break
+                except Exception as exc:
+                    delay = self.again(ctx, token, exc) if token is not None else None
+                    if delay is None:
+                        raise
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+        except BaseException as exc:
+            if token is not None:
+                self.exit(ctx, token, exc)
+            raise
+        if token is not None:
+            self.exit(ctx, token, None)
+        return result
+
+
 def middleware_name(mw: object) -> str:
     name = getattr(mw, "name", None)
     if isinstance(name, str):
@@ -74,7 +115,8 @@ class Pipeline:
     """An ordered chain of middlewares ending in a terminal handler.
 
     The chain is composed once: each middleware costs one await per call, and a run
-    of consecutive :class:`HookStage` middlewares costs one await in all.
+    of consecutive :class:`HookStage` middlewares (with at most one :class:`LoopStage`)
+    costs one await in all.
     """
 
     def __init__(self, middlewares: Iterable[Middleware], terminal: Next, *, terminal_name: str):
@@ -85,6 +127,9 @@ class Pipeline:
         hooks: list[HookStage] = []  # a run of hook stages, innermost first
         for mw in reversed(self.middlewares):
             if isinstance(mw, HookStage):
+                if isinstance(mw, LoopStage) and any(isinstance(h, LoopStage) for h in hooks):
+                    handler = _fuse(hooks[::-1], handler)  # one loop per fused run
+                    hooks = []
                 hooks.append(mw)
                 continue
             if hooks:
@@ -97,6 +142,11 @@ class Pipeline:
 
     def __call__(self, ctx: CallContext) -> Awaitable[Any]:
         return self._entry(ctx)
+
+    @property
+    def entry(self) -> Next:
+        """The composed chain as one callable (what calling the pipeline runs)."""
+        return self._entry
 
     def names(self) -> list[str]:
         return [middleware_name(mw) for mw in self.middlewares] + [self.terminal_name]
@@ -117,60 +167,118 @@ def _bind(mw: Middleware, call_next: Next) -> Next:
     return stage
 
 
+def _has_exit(hook: HookStage) -> bool:
+    return type(hook).exit is not HookStage.exit or "exit" in getattr(hook, "__dict__", ())
+
+
 def _fuse(hooks: Sequence[HookStage], call_next: Next) -> Next:
     """One coroutine running ``hooks`` (outermost first) around ``call_next``.
 
-    The coroutine is generated for the number of hooks, with each token in a local
-    variable: a loop over the stages with a list of tokens measured slower than the
-    separate coroutines it replaces. Tokens start as ``None``, so a stage that never
-    entered (an earlier ``enter`` raised) is skipped like one with nothing to do.
+    The coroutine is generated for the shape of the run (how many stages, which one
+    loops, which have an ``exit``), with each token in a local variable: a loop over
+    the stages with a list of tokens measured slower than the separate coroutines it
+    replaces. Tokens start as ``None`` and go back to ``None`` once exited, so a stage
+    that never entered (an earlier ``enter`` raised) or already exited is skipped.
     """
-    n = len(hooks)
-    code = _FUSED_CODE.get(n)
+    loops = [i for i, h in enumerate(hooks) if isinstance(h, LoopStage)]
+    assert len(loops) <= 1, "one loop stage per fused run"
+    shape = (len(hooks), loops[0] if loops else -1, tuple(_has_exit(h) for h in hooks))
+    code = _FUSED_CODE.get(shape)
     if code is None:
-        code = _FUSED_CODE[n] = compile(_fused_source(n), f"<meshkit fused {n} stages>", "exec")
+        code = _FUSED_CODE[shape] = compile(
+            _fused_source(*shape), f"<meshkit fused {len(hooks)} stages>", "exec"
+        )
     namespace: dict[str, Any] = {}
-    exec(code, {"_unwind": _unwind}, namespace)
-    hooks_args = [f for h in hooks for f in (h.enter, h.exit)]
-    stages: Next = namespace["make"](call_next, *hooks_args)
+    exec(code, {"_unwind": _unwind, "_sleep": asyncio.sleep}, namespace)
+    args: list[Any] = []
+    for h in hooks:
+        args += [h.enter, h.exit]
+    again = hooks[loops[0]].again if loops else None  # type: ignore[attr-defined]
+    stages: Next = namespace["make"](call_next, again, *args)
     stages.__name__ = "+".join(middleware_name(h) for h in hooks)
     return stages
 
 
-_FUSED_CODE: dict[int, Any] = {}
+_FUSED_CODE: dict[tuple[int, int, tuple[bool, ...]], Any] = {}
 
 
-def _fused_source(n: int) -> str:
-    """The source of ``make(call_next, e0, x0, …)`` returning the fused coroutine."""
-    idx = range(n)
+def _fused_source(n: int, loop: int, exits: tuple[bool, ...]) -> str:
+    """The source of ``make(call_next, again, e0, x0, …)`` returning the fused coroutine.
 
-    def pairs(k: int) -> str:  # the first k (exit, token) pairs, as a tuple literal
-        return "(" + "".join(f"(x{i}, t{i}), " for i in range(k)) + ")"
+    Stages ``0..loop`` enter once; stages after ``loop`` (all of them when ``loop`` is
+    -1 and there is no loop) enter and exit once per run of the rest of the chain.
+    """
+    outer = range(n) if loop < 0 else range(loop + 1)
+    inner = range(loop + 1, n) if loop >= 0 else range(0)
 
-    lines = [
-        f"def make(call_next, {', '.join(f'e{i}, x{i}' for i in idx)}):",
-        "    async def stages(ctx):",
-        f"        {' = '.join(f't{i}' for i in idx)} = None",
-        "        try:",
-        *(f"            t{i} = e{i}(ctx)" for i in idx),
-        "            result = await call_next(ctx)",
-        "        except BaseException as exc:",
-        f"            error = _unwind({pairs(n)}, ctx, exc)",
-        "            if error is exc:",
-        "                raise",
-        "            raise error from exc",
-    ]
-    for i in reversed(idx):
-        lines += [
-            f"        if t{i} is not None:",
-            "            try:",
-            f"                x{i}(ctx, t{i}, None)",
-            "            except BaseException as exc:",
-            f"                error = _unwind({pairs(i)}, ctx, exc)",
-            "                if error is exc:",
-            "                    raise",
-            "                raise error from exc",
+    def pairs(stages: Iterable[int]) -> str:  # (exit, token) pairs as a tuple literal
+        return "(" + "".join(f"(x{i}, t{i}), " for i in stages if exits[i]) + ")"
+
+    def enter(i: int) -> str:
+        keep = exits[i] or i == loop
+        return f"t{i} = e{i}(ctx)" if keep else f"e{i}(ctx)"
+
+    def reraise(indent: str, unwound: str) -> list[str]:
+        return [
+            f"{indent}error = _unwind({unwound}, ctx, exc)",
+            f"{indent}if error is exc:",
+            f"{indent}    raise",
+            f"{indent}raise error",
         ]
+
+    tokens = [f"t{i}" for i in range(n) if exits[i] or i == loop]
+    lines = [
+        f"def make(call_next, again, {', '.join(f'e{i}, x{i}' for i in range(n))}):",
+        "    async def stages(ctx):",
+    ]
+    if tokens:
+        lines.append(f"        {' = '.join(tokens)} = None")
+    lines += ["        try:", *(f"            {enter(i)}" for i in outer)]
+    if loop < 0:
+        lines.append("            result = await call_next(ctx)")
+    else:
+        lines += [
+            "            while True:",
+            "                try:",
+            *(f"                    {enter(i)}" for i in inner),
+            "                    result = await call_next(ctx)",
+        ]
+        for i in reversed(inner):
+            if exits[i]:
+                lines += [
+                    f"                    if t{i} is not None:",
+                    f"                        token, t{i} = t{i}, None",
+                    f"                        x{i}(ctx, token, None)",
+                ]
+        lines += [
+            "                    break",
+            "                except Exception as exc:",
+            f"                    error = _unwind({pairs(inner)}, ctx, exc)",
+        ]
+        inner_tokens = [f"t{i}" for i in inner if exits[i]]
+        if inner_tokens:
+            lines.append(f"                    {' = '.join(inner_tokens)} = None")
+        lines += [
+            "                    delay = None",
+            f"                    if t{loop} is not None and isinstance(error, Exception):",
+            f"                        delay = again(ctx, t{loop}, error)",
+            "                    if delay is None:",
+            "                        if error is exc:",
+            "                            raise",
+            "                        raise error",
+            "                    if delay > 0:",
+            "                        await _sleep(delay)",
+        ]
+    lines += ["        except BaseException as exc:", *reraise(" " * 12, pairs(range(n)))]
+    for i in reversed(outer):
+        if exits[i]:
+            lines += [
+                f"        if t{i} is not None:",
+                "            try:",
+                f"                x{i}(ctx, t{i}, None)",
+                "            except BaseException as exc:",
+                *reraise(" " * 16, pairs(range(i))),
+            ]
     lines += ["        return result", "    return stages", ""]
     return "\n".join(lines)
 

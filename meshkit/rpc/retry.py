@@ -18,7 +18,6 @@ outage). Hedged requests (:mod:`meshkit.rpc.hedge`) draw from the same budget.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
@@ -32,7 +31,7 @@ from .._metrics import PerRegistry
 from ..errors import InvalidArgument, MeshkitError, StatusCode
 from .connection import ConnectionUnavailable
 from .context import TIMEOUT_KEY, CallContext
-from .pipeline import Next
+from .pipeline import LoopStage
 
 # Budget arithmetic is done in integer micro-tokens, so deposits and withdrawals
 # that expire from the window cancel out exactly (no float drift over days).
@@ -231,13 +230,16 @@ class RetryPolicy:
         return random.uniform(0, min(self.backoff_max, self.backoff_base * (2**attempt)))
 
 
-class Retry:
+class Retry(LoopStage):
     """Run the rest of the chain again when the policy and the budget allow it.
 
     Every call deposits into the policy's budget once (retries do not); every
     retry withdraws. When the budget is empty the error goes to the caller and
     ``budget_exhausted`` is counted (and ``ctx.extras["retry_budget_exhausted"]``
     is set). ``metrics_registry`` receives ``meshkit_rpc_client_retries_total``.
+
+    A :class:`~meshkit.rpc.pipeline.LoopStage`: the pipeline runs the stages after
+    it again (after the backoff) each time :meth:`again` returns a delay.
     """
 
     name = "retry"
@@ -256,33 +258,36 @@ class Retry:
             counter = self._counters[key] = self.metrics.retries.labels(*key)
         counter.inc()
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
-        policy = self.policy
-        budget = policy.budget
+    def enter(self, ctx: CallContext) -> RetryPolicy:
+        budget = self.policy.budget
         if budget is not None:
             budget.deposit()
-        attempt = 0
-        while True:
-            try:
-                return await call_next(ctx)
-            except MeshkitError as exc:
-                if not policy.should_retry(ctx, exc, attempt):
-                    raise
-                delay = policy.backoff(attempt)
-                if ctx.deadline is not None and time.monotonic() + delay >= ctx.deadline:
-                    raise
-                if budget is not None and not budget.try_withdraw():
-                    ctx.extras["retry_budget_exhausted"] = True
-                    self._count(ctx, "budget_exhausted")
-                    raise
-                self._count(ctx, "retried")
-                if ctx.endpoint is not None:
-                    ctx.tried.append(ctx.endpoint)
-                attempt += 1
-                ctx.attempt = attempt
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if ctx.deadline is not None and TIMEOUT_KEY in ctx.headers:
-                    # The budget on the wire is relative: send what is left now.
-                    left = ctx.deadline - time.monotonic()
-                    ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
+        return self.policy
+
+    def again(self, ctx: CallContext, token: RetryPolicy, error: Exception) -> float | None:
+        """The backoff before the next attempt, or ``None`` to give ``error`` to the caller."""
+        if not isinstance(error, MeshkitError):
+            return None
+        policy = self.policy
+        attempt = ctx.attempt
+        if not policy.should_retry(ctx, error, attempt):
+            return None
+        delay = policy.backoff(attempt)
+        now = time.monotonic()
+        deadline = ctx.deadline
+        if deadline is not None and now + delay >= deadline:
+            return None
+        budget = policy.budget
+        if budget is not None and not budget.try_withdraw():
+            ctx.extras["retry_budget_exhausted"] = True
+            self._count(ctx, "budget_exhausted")
+            return None
+        self._count(ctx, "retried")
+        if ctx.endpoint is not None:
+            ctx.tried.append(ctx.endpoint)
+        ctx.attempt = attempt + 1
+        if deadline is not None and TIMEOUT_KEY in ctx.headers:
+            # The budget on the wire is relative: send what will be left after the backoff.
+            left = deadline - now - delay
+            ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
+        return delay

@@ -41,10 +41,12 @@ class Tracing(HookStage):
 
     def __init__(self, hook: TracerHook, side: str) -> None:
         self.hook = hook
-        self._start = hook.start_client if side == "client" else hook.start_server
+        # The hook's own start is the enter: one Python call fewer on every call.
+        self.enter = hook.start_client if side == "client" else hook.start_server  # type: ignore[method-assign]
 
     def enter(self, ctx: CallContext) -> Any:
-        return self._start(ctx)
+        """Replaced per instance by the hook's ``start_client`` or ``start_server``."""
+        return None
 
     def exit(self, ctx: CallContext, token: Any, error: BaseException | None) -> None:
         self.hook.end(token, ctx, error)
