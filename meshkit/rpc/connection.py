@@ -155,7 +155,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def settle(self, seqid: int) -> None:
         """The caller is done with ``seqid``: drop its deadline."""
-        self._timers.discard(seqid)
+        self._timers.pop(seqid, None)
 
     def send_oneway(self, frame: bytes) -> None:
         if not self.usable:

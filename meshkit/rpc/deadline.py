@@ -116,11 +116,15 @@ class ServerDeadline(HookStage):
 
     def enter(self, ctx: CallContext) -> _ServerToken | None:
         sent = ctx.headers.get(TIMEOUT_KEY)
-        budget = parse_timeout_ms(sent) if sent else None
-        if budget is None:
+        if sent:
+            try:  # parse_timeout_ms, inlined: a bad value means "no budget sent"
+                budget: float | None = int(sent) / 1000.0
+            except ValueError:
+                budget = self.default_timeout
+        else:
             budget = self.default_timeout
-            if budget is None:
-                return None
+        if budget is None:
+            return None
         if budget <= 0:
             raise DeadlineExceeded(
                 f"{ctx.service}.{ctx.method} refused: the caller's budget was already spent "
@@ -128,7 +132,7 @@ class ServerDeadline(HookStage):
             )
         deadline = _monotonic() + budget
         ctx.deadline = deadline
-        task = asyncio.current_task()
+        task = ctx.task or asyncio.current_task()
         assert task is not None
         timers = self._timers
         if timers is None:
@@ -143,7 +147,7 @@ class ServerDeadline(HookStage):
         error: BaseException | None,
     ) -> None:
         task, context_token, budget = token
-        self._timers.discard(task)  # type: ignore[union-attr]  # set by enter
+        self._timers.pop(task, None)  # type: ignore[union-attr]  # set by enter
         _deadline.reset(context_token)
         expired = self._expired
         if expired and task in expired:

@@ -11,44 +11,47 @@ is handed to ``fire`` and the timer is re-armed for the next deadline.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 
-class DeadlineTimers(Generic[K]):
+class DeadlineTimers(dict[K, float]):
     """Call ``fire(key)`` once for each key still present when its deadline passes.
 
-    Deadlines are absolute on the ``time.monotonic()`` clock. Use from one event loop.
+    The timers are a dict of key → deadline (absolute, on the ``time.monotonic()``
+    clock): :meth:`add` a key, and drop it with ``pop(key, None)`` (or :meth:`discard`)
+    once its call finished; ``pop`` is the dict's own, a C call, on a path that runs
+    for every call. Use from one event loop.
     """
 
-    __slots__ = ("_at", "_deadlines", "_fire", "_handle", "_loop")
+    __slots__ = ("_at", "_fire", "_handle", "_loop")
 
     def __init__(self, fire: Callable[[K], None], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self._fire = fire
         self._loop = loop
-        self._deadlines: dict[K, float] = {}
         self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
-
-    def __len__(self) -> int:
-        return len(self._deadlines)
+        self._at = math.inf  # when the armed timer fires (inf: none armed)
 
     def add(self, key: K, deadline: float) -> None:
-        self._deadlines[key] = deadline
-        if self._handle is None or deadline < self._at:
+        """Fire ``key`` at ``deadline`` unless it is dropped before."""
+        self[key] = deadline
+        if deadline < self._at:
             self._arm(deadline)
 
     def discard(self, key: K) -> None:
-        self._deadlines.pop(key, None)
+        self.pop(key, None)
 
     def close(self) -> None:
-        self._deadlines.clear()
+        self.clear()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._at = math.inf
 
     def _arm(self, deadline: float) -> None:
         if self._handle is not None:
@@ -58,10 +61,11 @@ class DeadlineTimers(Generic[K]):
 
     def _run(self) -> None:
         self._handle = None
+        self._at = math.inf
         now = time.monotonic()
-        expired = [key for key, deadline in self._deadlines.items() if deadline <= now]
+        expired = [key for key, deadline in self.items() if deadline <= now]
         for key in expired:
-            if self._deadlines.pop(key, None) is not None:
+            if self.pop(key, None) is not None:
                 self._fire(key)
-        if self._deadlines:
-            self._arm(min(self._deadlines.values()))
+        if self:
+            self._arm(min(self.values()))
