@@ -342,6 +342,8 @@ class CircuitBreakers:
         self._tables: dict[str, _Table] = {}
         #: breakers in all tables; 0 (every endpoint clean) is the common case, checked first
         self._entries = 0
+        #: no breaker anywhere: the pick stage skips select, on_start and a success's on_finish
+        self.idle = True
         self._slot = f"meshkit.breaker.{id(self):x}"  # this object's key in ctx.extras
         self._retired: dict[tuple[str, str], float] = {}
         self._forget_after = max(FORGET_AFTER, 6 * self.reset_timeout)
@@ -489,6 +491,7 @@ class CircuitBreakers:
         )
         table.entries[key] = entry
         self._entries += 1
+        self.idle = False
         table.version += 1
         self._publish(entry)
         return entry
@@ -509,6 +512,7 @@ class CircuitBreakers:
         if table.entries.get(entry.key) is entry:
             del table.entries[entry.key]
             self._entries -= 1
+            self.idle = self._entries == 0
             table.version += 1
             self._publish(entry)
 

@@ -28,7 +28,13 @@ from .pipeline import HookStage
 
 @runtime_checkable
 class EndpointSelector(Protocol):
-    """Narrows the candidate endpoints of one attempt (may raise a MeshkitError)."""
+    """Narrows the candidate endpoints of one attempt (may raise a MeshkitError).
+
+    A selector (or observer) with often nothing to do may keep a boolean attribute
+    ``idle``: while it is true, ``select`` would return its input unchanged,
+    ``on_start`` would do nothing and ``on_finish`` would do nothing for a success,
+    so the pick stage reads the attribute instead of making those calls.
+    """
 
     def select(self, endpoints: Sequence[Endpoint], ctx: CallContext) -> Sequence[Endpoint]: ...
 
@@ -68,9 +74,14 @@ class Pick(HookStage):
         if isinstance(balancer, EndpointObserver) and balancer not in watchers:
             watchers.insert(0, balancer)
         self.observers = tuple(watchers)
-        # Observers whose on_start does nothing say so (``observes_start = False``):
-        # one Python call fewer per attempt each.
-        self._starters = tuple(o for o in watchers if getattr(o, "observes_start", True))
+        # Each policy with a pair saying whether it may be idle (see EndpointSelector):
+        # an attribute read instead of a Python call per attempt while it is.
+        self._selecting = tuple((s, hasattr(s, "idle")) for s in self.selectors)
+        self._finishing = tuple((o, hasattr(o, "idle")) for o in watchers)
+        # Observers whose on_start does nothing say so (``observes_start = False``).
+        self._starting = tuple(
+            (o, hasattr(o, "idle")) for o in watchers if getattr(o, "observes_start", True)
+        )
 
     def enter(self, ctx: CallContext) -> tuple[Endpoint, float] | None:
         endpoints: Sequence[Endpoint] = self.resolver.endpoints()
@@ -78,7 +89,9 @@ class Pick(HookStage):
             raise NoInstances(
                 f"expected at least one instance of {ctx.service!r} in discovery, found none"
             )
-        for selector in self.selectors:
+        for selector, may_idle in self._selecting:
+            if may_idle and selector.idle:
+                continue
             endpoints = selector.select(endpoints, ctx)
             if not endpoints:
                 raise NoInstances(
@@ -94,7 +107,9 @@ class Pick(HookStage):
         ctx.peer = endpoint.address
         if not self.observers:
             return None
-        for observer in self._starters:
+        for observer, may_idle in self._starting:
+            if may_idle and observer.idle:
+                continue
             observer.on_start(endpoint, ctx)
         return endpoint, time.perf_counter()
 
@@ -103,5 +118,7 @@ class Pick(HookStage):
     ) -> None:
         endpoint, start = token
         latency = time.perf_counter() - start
-        for observer in self.observers:
+        for observer, may_idle in self._finishing:
+            if may_idle and error is None and observer.idle:
+                continue
             observer.on_finish(endpoint, ctx, latency, error)

@@ -261,7 +261,12 @@ class Retry(LoopStage):
     def enter(self, ctx: CallContext) -> RetryPolicy:
         budget = self.policy.budget
         if budget is not None:
-            budget.deposit()
+            # budget.deposit(), inlined (this runs on every call; same module)
+            now = budget._clock()
+            if now >= budget._bucket_end:
+                budget._advance(now)
+            budget._buckets[budget._index] += budget._deposit
+            budget._sum += budget._deposit
         return self.policy
 
     def again(self, ctx: CallContext, token: RetryPolicy, error: Exception) -> float | None:

@@ -266,6 +266,51 @@ def test_breaker_opens_after_fail_max_consecutive_failures() -> None:
     )
 
 
+def test_breakers_are_idle_exactly_while_every_endpoint_is_clean() -> None:
+    clock = FakeClock()
+    b, _ = make_breakers(clock)
+    a = ep(1)
+    assert b.idle
+    attempt(b, a, Unavailable("x"))  # a failure creates a breaker
+    assert not b.idle
+    attempt(b, a, None)  # a success leaves it clean: dropped
+    assert b.idle and b.states() == {}
+
+
+class Idler:
+    """A selector and observer that logs its calls and is idle when told."""
+
+    def __init__(self) -> None:
+        self.idle = True
+        self.calls: list[str] = []
+
+    def select(self, endpoints: Sequence[Endpoint], ctx: CallContext) -> Sequence[Endpoint]:
+        self.calls.append("select")
+        return endpoints
+
+    def on_start(self, endpoint: Endpoint, ctx: CallContext) -> None:
+        self.calls.append("start")
+
+    def on_finish(
+        self, endpoint: Endpoint, ctx: CallContext, latency: float, error: BaseException | None
+    ) -> None:
+        self.calls.append("finish ok" if error is None else "finish error")
+
+
+def test_the_pick_stage_skips_idle_policies_but_not_their_failures() -> None:
+    idler = Idler()
+    pick = Pick(StaticResolver(["127.0.0.1:1"]), RoundRobin(), selectors=[idler], observers=[idler])
+    c = ctx()
+    pick.exit(c, pick.enter(c), None)
+    assert idler.calls == []
+    pick.exit(c, pick.enter(c), Unavailable("down"))
+    assert idler.calls == ["finish error"]  # failures are always reported
+    idler.idle = False
+    idler.calls.clear()
+    pick.exit(c, pick.enter(c), None)
+    assert idler.calls == ["select", "start", "finish ok"]
+
+
 def test_half_open_admits_one_probe_at_a_time() -> None:
     clock = FakeClock()
     b, registry = make_breakers(clock, success_threshold=2)
