@@ -76,7 +76,9 @@ class Pick(HookStage):
         self.observers = tuple(watchers)
         # Each policy with a pair saying whether it may be idle (see EndpointSelector):
         # an attribute read instead of a Python call per attempt while it is.
-        self._selecting = tuple((s, hasattr(s, "idle")) for s in self.selectors)
+        self._selecting: tuple[tuple[Any, bool], ...] = tuple(
+            (s, hasattr(s, "idle")) for s in self.selectors
+        )
         self._finishing = tuple((o, hasattr(o, "idle")) for o in watchers)
         # Observers whose on_start does nothing say so (``observes_start = False``).
         self._starting = tuple(
