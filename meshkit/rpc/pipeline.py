@@ -42,6 +42,9 @@ class HookStage:
     """
 
     name = "hook"
+    #: A promise that ``enter`` returns ``None`` on a call's first attempt
+    #: (``ctx.attempt == 0``): the fused chain then skips the call to it.
+    retries_only = False
 
     def enter(self, ctx: CallContext) -> Any:
         """Act before the rest of the chain; a token for :meth:`exit`, or ``None``."""
@@ -182,7 +185,12 @@ def _fuse(hooks: Sequence[HookStage], call_next: Next) -> Next:
     """
     loops = [i for i, h in enumerate(hooks) if isinstance(h, LoopStage)]
     assert len(loops) <= 1, "one loop stage per fused run"
-    shape = (len(hooks), loops[0] if loops else -1, tuple(_has_exit(h) for h in hooks))
+    shape = (
+        len(hooks),
+        loops[0] if loops else -1,
+        tuple(_has_exit(h) for h in hooks),
+        tuple(h.retries_only for h in hooks),
+    )
     code = _FUSED_CODE.get(shape)
     if code is None:
         code = _FUSED_CODE[shape] = compile(
@@ -199,10 +207,12 @@ def _fuse(hooks: Sequence[HookStage], call_next: Next) -> Next:
     return stages
 
 
-_FUSED_CODE: dict[tuple[int, int, tuple[bool, ...]], Any] = {}
+_FUSED_CODE: dict[tuple[int, int, tuple[bool, ...], tuple[bool, ...]], Any] = {}
 
 
-def _fused_source(n: int, loop: int, exits: tuple[bool, ...]) -> str:
+def _fused_source(
+    n: int, loop: int, exits: tuple[bool, ...], retries_only: tuple[bool, ...]
+) -> str:
     """The source of ``make(call_next, again, e0, x0, …)`` returning the fused coroutine.
 
     Stages ``0..loop`` enter once; stages after ``loop`` (all of them when ``loop`` is
@@ -215,8 +225,11 @@ def _fused_source(n: int, loop: int, exits: tuple[bool, ...]) -> str:
         return "(" + "".join(f"(x{i}, t{i}), " for i in stages if exits[i]) + ")"
 
     def enter(i: int) -> str:
+        call = f"e{i}(ctx)"
+        if retries_only[i]:
+            call = f"{call} if ctx.attempt else None"
         keep = exits[i] or i == loop
-        return f"t{i} = e{i}(ctx)" if keep else f"e{i}(ctx)"
+        return f"t{i} = {call}" if keep else call
 
     def reraise(indent: str, unwound: str) -> list[str]:
         return [

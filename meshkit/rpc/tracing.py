@@ -61,6 +61,7 @@ class AttemptTracing(HookStage):
     """
 
     name = "attempt-tracing"
+    retries_only = True  # the first attempt travels on the call's span
 
     def __init__(self, hook: TracerHook) -> None:
         self.hook = hook

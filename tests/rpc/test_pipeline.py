@@ -325,3 +325,34 @@ async def test_an_exit_raising_from_none_is_not_chained() -> None:
         await pipeline(ctx())
     assert caught.value.__suppress_context__
     assert caught.value.__cause__ is None
+
+
+async def test_a_retries_only_stage_is_skipped_on_the_first_attempt() -> None:
+    class Counting(Repeat):
+        def again(self, ctx: CallContext, token: Any, error: Exception) -> float | None:
+            delay = super().again(ctx, token, error)
+            if delay is not None:
+                ctx.attempt += 1
+            return delay
+
+    class AttemptsOnly(Recorder):
+        retries_only = True
+
+        def enter(self, ctx: CallContext) -> Any:
+            self.log.append(f"asked {self.name}")  # the fused chain does not ask on attempt 0
+            return super().enter(ctx) if ctx.attempt else None
+
+    log: list[str] = []
+    stages = [Counting("r", log, times=1), AttemptsOnly("b", log)]
+    pipeline = Pipeline(stages, flaky(log, 1), terminal_name="t")
+    assert await pipeline(ctx()) == "result"
+    assert log == [
+        "enter r",
+        "terminal",
+        "again r ValueError",
+        "asked b",
+        "enter b",
+        "terminal",
+        "exit b token ok",
+        "exit r ok",
+    ]
