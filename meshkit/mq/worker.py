@@ -178,6 +178,29 @@ class _Runnable:
                 n -= 1
 
 
+class _Inline:
+    """A fetched batch a runner handles in one pass, in fetch order (see ``Worker._run_inline``).
+
+    Started only while nothing else is in flight, so no key can be busy and no earlier
+    batch of any partition is unfinished. ``it`` is shared: when the runner's handler
+    suspends, a watch scheduled behind its step takes what the iterator has not handed out
+    yet and dispatches it the usual way, and the runner finishes its one message as
+    any runner does.
+    """
+
+    __slots__ = ("demoted", "done", "handed_off", "it", "key", "messages")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.it = iter(messages)
+        self.done = False
+        #: the rest went to the usual dispatch while a handler was suspended
+        self.demoted = False
+        #: how many messages that was, and the key of the one the runner was handling
+        self.handed_off = 0
+        self.key: bytes | None = None
+
+
 class Worker:
     """A consumer group member that runs the handlers of ``subscriptions``.
 
@@ -274,6 +297,7 @@ class Worker:
         self._held: dict[_TPKey, float] = {}  # retry partitions paused until (loop time)
         self._paused_all = False
         self._work = _Runnable()
+        self._inline: _Inline | None = None  # a batch waiting for a runner
         self._runners: list[asyncio.Task[None]] = []
         self.in_flight = 0  # read by the in-flight gauge at scrape time
         self._capacity = asyncio.Event()
@@ -434,7 +458,12 @@ class Worker:
                         consumer.consume, min(room, self.batch_size), self.poll_timeout
                     )
                 if messages:
-                    self._dispatch(messages)
+                    if self._inline is not None:
+                        self._unstart_inline()
+                    if not self.in_flight and not recording():
+                        self._start_inline(messages)
+                    else:
+                        self._dispatch(messages)
                     # Let the runners take the batch before the next consume(): handlers
                     # that never suspend finish it in this turn, so the consumer thread
                     # then runs while the loop is idle instead of fighting it for the GIL.
@@ -515,6 +544,199 @@ class Worker:
         work.wake()
         if held_now:
             self._spawn(self._hold(held_now))
+
+    def _start_inline(self, messages: list[Message]) -> None:
+        """Hand a whole fetched batch to one runner (nothing else is in flight)."""
+        self._inline = _Inline(messages)
+        self.in_flight += len(messages)
+        idle = self._work.idle
+        while idle:  # else a runner already woken takes it before the consume loop resumes
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _unstart_inline(self) -> None:
+        """A batch handed to the runners inline that none has taken yet goes the usual
+        way (before any later batch, so batches of a partition stay in fetch order)."""
+        pending, self._inline = self._inline, None
+        if pending is not None:
+            self.in_flight -= len(pending.messages)
+            self._dispatch(pending.messages)
+
+    async def _run_inline(self, inline: _Inline) -> None:
+        """Handle a fetched batch in this runner, message after message, in fetch order.
+
+        Nothing else is in flight when it starts, so no key is busy and no earlier batch
+        of any partition is unfinished. The common message (no headers, the handler
+        returns without failing) costs a few method calls, the handler's coroutine and
+        one clock read (latency is measured from the previous message's end, so it
+        includes the runner's own step for the message); counts, the latency sum and
+        offsets are settled once per run of one partition. Anything else goes through
+        :meth:`_handle_full` here, in order. A partition this path does not take (a
+        retry topic, not assigned, held) and everything after it go to the usual
+        dispatch. When a handler suspends, a watch (a callback scheduled behind this
+        step) counts what finished, marks its key busy and dispatches the rest the usual
+        way, so other keys go on while this runner finishes its message like any runner.
+        """
+        assert self._loop is not None
+        routes, states, assigned, held = self._route_info, self._states, self._assigned, self._held
+        clock = time.perf_counter
+        bounds = HANDLER_BUCKETS
+        first_bound = bounds[0]
+        messages = inline.messages
+        topic: str | None = None
+        partition: int | None = None
+        batch: OffsetBatch | None = None
+        route: _Route | None = None
+        handler: Any = None
+        decode: Any = None
+        buckets: list[int] = []
+        last: Message | None = None
+        rest: list[Message] = []
+        processed = first = lost = 0
+        total = 0.0
+        finished = False
+
+        def watch() -> None:
+            # Right behind this step: if it ended inside a handler, hand the rest over.
+            nonlocal processed, first, total
+            if inline.done:
+                return
+            if route is not None:  # what finished before the handler suspended counts now
+                stats = route.stats
+                stats.processed += processed
+                stats.buckets[0] += first
+                stats.total += total
+                processed = first = 0
+                total = 0.0
+            self._demote_inline(inline)
+
+        self._loop.call_soon(watch)
+        prev = clock()
+        try:
+            for msg in inline.it:
+                if msg.error() is not None:
+                    self._consumer_error(msg)
+                    continue
+                p = msg.partition()
+                t = msg.topic()
+                if p != partition or t != topic:
+                    if batch is not None:
+                        assert route is not None and last is not None
+                        self._settle(route, batch, last, processed, first, total, lost)
+                        processed = first = lost = 0
+                        total = 0.0
+                        batch = None
+                    topic, partition = t, p
+                    tp = (t, p)
+                    route = routes.get(t)  # type: ignore[arg-type]
+                    if route is None or not route.fast or tp in held or tp not in assigned:
+                        rest = [msg, *inline.it]
+                        break
+                    state = states.get(tp)  # type: ignore[arg-type]
+                    if state is None:
+                        state = states[tp] = PartitionState(*tp)  # type: ignore[arg-type]
+                    batch = state.open(route, True)
+                    batch.left = 1  # never completes while its run is being handled
+                    handler, decode, buckets = route.handler, route.decode, route.buckets
+                last = msg
+                if msg.headers():
+                    if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
+                        lost += 1
+                    prev = clock()
+                    continue
+                value = msg.value()
+                if decode is not None:
+                    try:
+                        value = decode(value)
+                    except Exception:  # poison: the full path dead-letters it
+                        if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
+                            lost += 1
+                        prev = clock()
+                        continue
+                elif value is None:
+                    value = b""  # RawCodec.decode
+                try:
+                    await handler(value)
+                except Exception as exc:
+                    stats = route.stats  # type: ignore[union-attr]
+                    stats.observe(clock() - prev)
+                    stats.failed += 1
+                    if not await self._handle_full(msg, batch.state, exc):  # type: ignore[union-attr]
+                        lost += 1
+                    prev = clock()
+                    continue
+                now = clock()
+                elapsed = now - prev
+                if elapsed <= first_bound:
+                    first += 1
+                else:
+                    buckets[bisect_left(bounds, elapsed)] += 1
+                total += elapsed
+                processed += 1
+                prev = now
+            finished = True
+        finally:
+            inline.done = True
+            if batch is not None:
+                assert route is not None and last is not None
+                # An exception out of a handler's step (cancelled): its message is not done.
+                self._settle(route, batch, last, processed, first, total, lost + (not finished))
+            in_flight = self.in_flight - (len(messages) - inline.handed_off)
+            self.in_flight = in_flight
+            if inline.demoted:
+                key = inline.key
+                if key is not None:  # marked busy by _demote_inline: release it
+                    by_key = self._work.by_key
+                    queue = by_key[key]
+                    if queue:
+                        self._work.ready.append(queue.popleft())
+                        self._work.wake()
+                    else:
+                        del by_key[key]
+            if self._wants_capacity and in_flight <= self.max_buffered // 2:
+                self._capacity.set()
+        if rest:
+            self._dispatch(rest)
+
+    def _settle(
+        self,
+        route: _Route,
+        batch: OffsetBatch,
+        last: Message,
+        processed: int,
+        first: int,
+        total: float,
+        lost: int,
+    ) -> None:
+        """The end of an inline run of one partition: counts, latency sum, offsets."""
+        stats = route.stats
+        stats.processed += processed
+        stats.buckets[0] += first
+        stats.total += total
+        batch.end = cast(int, last.offset()) + 1
+        batch.left = lost  # a message given up (partition revoked) keeps the batch open
+        if not lost:
+            batch.state.completed()
+            self._progress.set()
+
+    def _demote_inline(self, inline: _Inline) -> None:
+        """The runner of ``inline`` is suspended in a handler: its key is marked busy and
+        the messages not handed out yet go to the usual dispatch (behind the runner's
+        batch, so the commit point still waits for its message)."""
+        rest = list(inline.it)
+        messages = inline.messages
+        current = messages[len(messages) - len(rest) - 1]  # the runner's message
+        inline.demoted = True
+        key = current.key()
+        inline.key = key
+        if key is not None:
+            self._work.by_key[key] = None
+        inline.handed_off = len(messages) - 1  # all but the runner's message, done or not
+        self.in_flight -= len(messages) - 1
+        if rest:
+            self._dispatch(rest)
 
     def _open_batch(self, tp: _TPKey, fast: bool) -> OffsetBatch | None:
         """The batch for ``tp``'s messages in this fetch, or ``None`` to skip them."""
@@ -773,6 +995,11 @@ class Worker:
         undecoded = _UNDECODED
         while True:
             if not ready:
+                inline = self._inline
+                if inline is not None:
+                    self._inline = None
+                    await self._run_inline(inline)
+                    continue
                 waiter = create_future()
                 idle.append(waiter)
                 await waiter
