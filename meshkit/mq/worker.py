@@ -81,6 +81,10 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     "session.timeout.ms": 10_000,
     "heartbeat.interval.ms": 1_000,
     "max.poll.interval.ms": 300_000,
+    # librdkafka waits this long before fetching again once its local queue is over
+    # queued.min.messages; its default (1000 ms) idles a consumer that empties the
+    # queue faster than that (a broker may answer one fetch with 50k messages).
+    "fetch.queue.backoff.ms": 100,
 }
 
 _TPKey = tuple[str, int]
