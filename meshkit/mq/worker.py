@@ -192,7 +192,7 @@ class _Inline:
     any runner does.
     """
 
-    __slots__ = ("demoted", "done", "handed_off", "it", "key", "messages")
+    __slots__ = ("demoted", "done", "handed_off", "it", "key", "messages", "rest_count")
 
     def __init__(self, messages: list[Message]) -> None:
         self.messages = messages
@@ -200,7 +200,9 @@ class _Inline:
         self.done = False
         #: the rest went to the usual dispatch while a handler was suspended
         self.demoted = False
-        #: how many messages that was, and the key of the one the runner was handling
+        #: how many messages that was, how many the runner no longer counts as in flight,
+        #: and the key of the one it was handling
+        self.rest_count = 0
         self.handed_off = 0
         self.key: bytes | None = None
 
@@ -574,11 +576,12 @@ class Worker:
         Nothing else is in flight when it starts, so no key is busy and no earlier batch
         of any partition is unfinished. The common message (no headers, the handler
         returns without failing) costs a few method calls, the handler's coroutine and
-        one clock read (latency is measured from the previous message's end, so it
-        includes the runner's own step for the message); counts, the latency sum and
-        offsets are settled once per run of one partition. Anything else goes through
-        :meth:`_handle_full` here, in order. A partition this path does not take (a
-        retry topic, not assigned, held) and everything after it go to the usual
+        one clock read: latency is measured from the previous message's end, so it
+        includes the runner's own step for the message. Counts, the latency sum and
+        offsets are settled once per run of one partition, from the iterator's position
+        (a run's messages minus those that took another path). Anything else goes
+        through :meth:`_handle_full` here, in order. A partition this path does not take
+        (a retry topic, not assigned, held) and everything after it go to the usual
         dispatch. When a handler suspends, a watch (a callback scheduled behind this
         step) counts what finished, marks its key busy and dispatches the rest the usual
         way, so other keys go on while this runner finishes its message like any runner.
@@ -589,54 +592,75 @@ class Worker:
         bounds = HANDLER_BUCKETS
         first_bound = bounds[0]
         messages = inline.messages
+        n = len(messages)
+        it: Any = inline.it
+        remaining = it.__length_hint__  # a list iterator: how many it has not handed out
         topic: str | None = None
         partition: int | None = None
-        batch: OffsetBatch | None = None
-        route: _Route | None = None
         handler: Any = None
         decode: Any = None
         buckets: list[int] = []
-        last: Message | None = None
         rest: list[Message] = []
-        processed = first = lost = 0
-        total = 0.0
-        finished = False
+        # The run of one partition being handled (read by settle() and watch()).
+        batch: OffsetBatch | None = None
+        route: _Route | None = None
+        run_start = 0  # index of its first message
+        others = 0  # its messages finished another way (full path, consumer errors)
+        slow = 0  # its handled messages slower than the first bucket (counted already)
+        lost = 0  # its messages given up (partition revoked): the batch stays open
+        gaps = 0.0  # its time spent on the full path (observed there)
+        run_t0 = prev = clock()  # prev: when the last message finished
+
+        def taken() -> int:
+            """Messages this runner took from the batch so far."""
+            return n - remaining() - inline.rest_count
+
+        def settle(in_hand: int) -> None:
+            """Close the current run; ``in_hand``: its last message taken is not done."""
+            nonlocal batch
+            assert batch is not None and route is not None
+            pos = taken() - in_hand
+            processed = pos - run_start - others
+            end = cast(int, messages[pos - 1].offset()) + 1 if pos > run_start else batch.end
+            self._settle(
+                route, batch, end, processed, processed - slow, prev - run_t0 - gaps, lost + in_hand
+            )
+            batch = None
 
         def watch() -> None:
             # Right behind this step: if it ended inside a handler, hand the rest over.
-            nonlocal processed, first, total
+            nonlocal run_start, others, slow, gaps, run_t0
             if inline.done:
                 return
-            if route is not None:  # what finished before the handler suspended counts now
+            if batch is not None:  # what finished before the handler suspended counts now
+                assert route is not None
+                pos = taken() - 1
+                processed = pos - run_start - others
                 stats = route.stats
                 stats.processed += processed
-                stats.buckets[0] += first
-                stats.total += total
-                processed = first = 0
-                total = 0.0
+                stats.buckets[0] += processed - slow
+                stats.total += prev - run_t0 - gaps
+                run_start, others, slow, gaps, run_t0 = pos, 0, 0, 0.0, prev
             self._demote_inline(inline)
 
         self._loop.call_soon(watch)
-        prev = clock()
+        finished = False
         try:
-            for msg in inline.it:
+            for msg in it:
                 if msg.error() is not None:
+                    if batch is not None:
+                        settle(1)
+                    partition = None  # the next message starts a run
                     self._consumer_error(msg)
                     continue
-                p = msg.partition()
-                t = msg.topic()
-                if p != partition or t != topic:
+                if msg.partition() != partition or msg.topic() != topic:
                     if batch is not None:
-                        assert route is not None and last is not None
-                        self._settle(route, batch, last, processed, first, total, lost)
-                        processed = first = lost = 0
-                        total = 0.0
-                        batch = None
-                    topic, partition = t, p
-                    tp = (t, p)
-                    route = routes.get(t)  # type: ignore[arg-type]
+                        settle(1)
+                    topic, partition = msg.topic(), msg.partition()
+                    tp = (topic, partition)
+                    route = routes.get(topic)  # type: ignore[arg-type]
                     if route is None or not route.fast or tp in held or tp not in assigned:
-                        rest = [msg, *inline.it]
+                        rest = [msg, *it]
                         break
                     state = states.get(tp)  # type: ignore[arg-type]
                     if state is None:
@@ -644,11 +668,14 @@ class Worker:
                     batch = state.open(route, True)
                     batch.left = 1  # never completes while its run is being handled
                     handler, decode, buckets = route.handler, route.decode, route.buckets
-                last = msg
+                    run_start, others, slow, lost, gaps, run_t0 = taken() - 1, 0, 0, 0, 0.0, prev
                 if msg.headers():
                     if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
                         lost += 1
-                    prev = clock()
+                    others += 1
+                    now = clock()
+                    gaps += now - prev
+                    prev = now
                     continue
                 value = msg.value()
                 if decode is not None:
@@ -657,37 +684,39 @@ class Worker:
                     except Exception:  # poison: the full path dead-letters it
                         if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
                             lost += 1
-                        prev = clock()
+                        others += 1
+                        now = clock()
+                        gaps += now - prev
+                        prev = now
                         continue
                 elif value is None:
                     value = b""  # RawCodec.decode
                 try:
                     await handler(value)
                 except Exception as exc:
+                    now = clock()
                     stats = route.stats  # type: ignore[union-attr]
-                    stats.observe(clock() - prev)
+                    stats.observe(now - prev)
                     stats.failed += 1
                     if not await self._handle_full(msg, batch.state, exc):  # type: ignore[union-attr]
                         lost += 1
-                    prev = clock()
+                    others += 1
+                    now = clock()
+                    gaps += now - prev
+                    prev = now
                     continue
                 now = clock()
-                elapsed = now - prev
-                if elapsed <= first_bound:
-                    first += 1
-                else:
-                    buckets[bisect_left(bounds, elapsed)] += 1
-                total += elapsed
-                processed += 1
+                if now - prev > first_bound:
+                    slow += 1
+                    buckets[bisect_left(bounds, now - prev)] += 1
                 prev = now
             finished = True
         finally:
             inline.done = True
             if batch is not None:
-                assert route is not None and last is not None
                 # An exception out of a handler's step (cancelled): its message is not done.
-                self._settle(route, batch, last, processed, first, total, lost + (not finished))
-            in_flight = self.in_flight - (len(messages) - inline.handed_off)
+                settle(0 if finished else 1)
+            in_flight = self.in_flight - (n - inline.handed_off)
             self.in_flight = in_flight
             if inline.demoted:
                 key = inline.key
@@ -708,7 +737,7 @@ class Worker:
         self,
         route: _Route,
         batch: OffsetBatch,
-        last: Message,
+        end: int,
         processed: int,
         first: int,
         total: float,
@@ -719,7 +748,7 @@ class Worker:
         stats.processed += processed
         stats.buckets[0] += first
         stats.total += total
-        batch.end = cast(int, last.offset()) + 1
+        batch.end = end
         batch.left = lost  # a message given up (partition revoked) keeps the batch open
         if not lost:
             batch.state.completed()
@@ -737,6 +766,7 @@ class Worker:
         inline.key = key
         if key is not None:
             self._work.by_key[key] = None
+        inline.rest_count = len(rest)
         inline.handed_off = len(messages) - 1  # all but the runner's message, done or not
         self.in_flight -= len(messages) - 1
         if rest:
