@@ -84,7 +84,7 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     # librdkafka waits this long before fetching again once its local queue is over
     # queued.min.messages; its default (1000 ms) idles a consumer that empties the
     # queue faster than that (a broker may answer one fetch with 50k messages).
-    "fetch.queue.backoff.ms": 100,
+    "fetch.queue.backoff.ms": 10,
 }
 
 _TPKey = tuple[str, int]
@@ -444,42 +444,59 @@ class Worker:
     async def _consume_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        while not self._stopping:
-            try:
-                room = self.max_buffered - self.in_flight
-                if room <= 0:
-                    if not self._paused_all:
-                        await self._call(self._pause_all)
-                    self._capacity.clear()
-                    self._wants_capacity = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._capacity.wait(), 0.5)
-                    self._wants_capacity = False
-                    # Keep polling while paused: group membership and rebalances need it.
-                    messages = await self._call(consumer.consume, self.batch_size, 0)
-                else:
-                    if self._paused_all:
-                        await self._call(self._resume_all)
-                    messages = await self._call(
-                        consumer.consume, min(room, self.batch_size), self.poll_timeout
-                    )
-                if messages:
-                    if self._inline is not None:
-                        self._unstart_inline()
-                    if not self.in_flight and not recording():
-                        self._start_inline(messages)
+        #: the next batch, asked for before the last one was handed out (there was room)
+        pending: asyncio.Future[list[Message]] | None = None
+        try:
+            while not self._stopping:
+                try:
+                    if pending is not None:
+                        messages, pending = await pending, None
                     else:
-                        self._dispatch(messages)
-                    # Let the runners take the batch before the next consume(): handlers
-                    # that never suspend finish it in this turn, so the consumer thread
-                    # then runs while the loop is idle instead of fighting it for the GIL.
-                    await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep consuming: a broker hiccup must not kill the worker
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("consume failed", group=self.group, error=self.last_error)
-                await asyncio.sleep(0.5)
+                        room = self.max_buffered - self.in_flight
+                        if room <= 0:
+                            if not self._paused_all:
+                                await self._call(self._pause_all)
+                            self._capacity.clear()
+                            self._wants_capacity = True
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._capacity.wait(), 0.5)
+                            self._wants_capacity = False
+                            # Keep polling while paused: group membership and rebalances need it.
+                            messages = await self._call(consumer.consume, self.batch_size, 0)
+                        else:
+                            if self._paused_all:
+                                await self._call(self._resume_all)
+                            messages = await self._call(
+                                consumer.consume, min(room, self.batch_size), self.poll_timeout
+                            )
+                    if messages:
+                        # Ask for the next batch now if it fits: the consumer thread fetches
+                        # it while the runners handle this one.
+                        room = self.max_buffered - self.in_flight - len(messages)
+                        if room > 0 and not self._paused_all and not self._stopping:
+                            pending = self._prefetch(min(room, self.batch_size))
+                        if self._inline is not None:
+                            self._unstart_inline()
+                        if not self.in_flight and not recording():
+                            self._start_inline(messages)
+                        else:
+                            self._dispatch(messages)
+                        # Let the runners take the batch before anything else of this loop.
+                        await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # keep consuming: a broker hiccup must not kill it
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("consume failed", group=self.group, error=self.last_error)
+                    await asyncio.sleep(0.5)
+        finally:
+            if pending is not None:  # stopping: never handed out, so never committed
+                with contextlib.suppress(Exception):
+                    await pending
+
+    def _prefetch(self, n: int) -> asyncio.Future[list[Message]]:
+        assert self._loop is not None and self._io is not None and self._consumer is not None
+        return self._loop.run_in_executor(self._io, self._consumer.consume, n, self.poll_timeout)
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Hand a fetched batch to the runners: one :class:`OffsetBatch` per partition in
