@@ -22,10 +22,14 @@ How it keeps its promises:
   most ``max_buffered`` messages are fetched and not finished; beyond that the assigned
   partitions are paused (the consumer keeps polling so it stays in the group) and
   resumed below half of it.
-* **Cheap per message.** A fetched batch is dispatched in one pass (the partition's
-  batch, route and codec are looked up once per run of one partition, the tracing
-  check once per batch) and runners take ready messages one after another without a
-  loop hop while handlers do not suspend. The common case (context-free ``async def``
+* **Cheap per message.** A batch fetched while nothing else is in flight is handled
+  inline: one runner iterates it in fetch order (no queue entry or key bookkeeping per
+  message; counts and offsets settled per run of one partition); when a handler
+  suspends, a callback behind the runner's step marks its key busy and dispatches the
+  rest of the batch as below. Otherwise a fetched batch is dispatched in one pass (the
+  partition's batch, route and codec are looked up once per run of one partition, the
+  tracing check once per batch) and runners take ready messages one after another
+  without a loop hop while handlers do not suspend. The common case (context-free ``async def``
   handler, subscribed topic, no headers, no tracing SDK) runs inline in the runner
   task, one coroutine per message: the handler's, started inside its runner task so
   ``asyncio.current_task()``/``asyncio.timeout()`` in a handler see that task. Anything
