@@ -454,7 +454,8 @@ class Worker:
             while not self._stopping:
                 try:
                     if pending is not None:
-                        messages, pending = await pending, None
+                        fetching, pending = pending, None  # a failed fetch is not awaited twice
+                        messages = await fetching
                     else:
                         room = self.max_buffered - self.in_flight
                         if room <= 0:
