@@ -1,22 +1,31 @@
 """Kafka throughput: meshkit's worker and publisher against raw confluent-kafka, one run.
 
 * consume: a raw ``Consumer.consume()`` loop that calls a no-op handler per message and
-  commits after each processed batch, vs a meshkit :class:`~meshkit.mq.Worker` with the
-  same no-op handler (``async def``, raw bytes codec; per-key ordering, offset tracking,
-  metrics and periodic commits all on). Timed from the first message handled to the
-  last, so group joins are not counted.
+  commits after each processed batch, vs a meshkit :class:`~meshkit.mq.Worker` with a
+  no-op ``async def`` handler of the same body (raw bytes codec; per-key ordering,
+  offset tracking, metrics and periodic commits all on). Timed from the first message
+  handled to the last, so group joins are not counted.
 * publish: a raw ``Producer.produce()`` loop with one ``flush()`` at the end, vs meshkit
   ``Publisher.publish_nowait()`` with every delivery future awaited (idempotent both).
 
-Runs against a fresh bundled broker (tansu, memory storage) unless ``--url`` is given.
-Each measurement runs ``--rounds`` times alternating raw and meshkit; the best round of
-each counts. Beside msgs/s each round reports process CPU per message (all threads of
-this process over the timed window; the broker is another process), steadier than wall
-rates on a shared machine. Prints a table, then one JSON line with ``worker_vs_raw_ratio`` and
-``publish_vs_raw_ratio``.
+Same conditions for both sides of each pair: every round gives each side its own fresh
+topic (3 partitions), the consume topics filled the same way (an untimed raw producer
+run of the same messages) before the round; both consumers use the same librdkafka
+settings (:data:`CONSUMER_SETTINGS`, including the worker's ``fetch.queue.backoff.ms``:
+with librdkafka's default of 1000 ms a consumer whose local queue went over
+``queued.min.messages`` (tansu answers a fetch with ~50k messages of a partition) idles
+up to a second, in some rounds and not others, which made rounds swing 4x). Rounds
+alternate which side goes first.
 
-    python bench/mq.py            # 100k messages of 100 bytes, 1000 keys, 3 rounds
-    python bench/mq.py --quick    # 20k messages, 1 round
+Runs against a fresh bundled broker (tansu, memory storage) unless ``--url`` is given.
+Each measurement runs ``--rounds`` times; the best round of each counts, and each
+round's worker/raw pair and their median are printed too. Beside msgs/s each round
+reports process CPU per message (all threads of this process over the timed window;
+the broker is another process), steadier than wall rates on a shared machine. Prints a
+table, then one JSON line with ``worker_vs_raw_ratio`` and ``publish_vs_raw_ratio``.
+
+    python bench/mq.py            # 300k messages consumed, 100k published, 3 rounds
+    python bench/mq.py --quick    # 100k consumed, 20k published, 1 round
 """
 
 from __future__ import annotations
@@ -35,18 +44,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from meshkit import _loop
 from meshkit.logs import configure_logging
 from meshkit.mq import Publisher, Subscription, Worker, ensure_topics
 from meshkit.mq.broker import DevBroker
+from meshkit.mq.worker import DEFAULT_CONSUMER_CONFIG
 
-# Quick group joins on tansu (see shared/INFRA.md); harmless on Kafka.
-GROUP_SETTINGS = {
+#: Given to both consumers: quick group joins on tansu (see shared/INFRA.md; harmless on
+#: Kafka) and the worker's fetch queue backoff (the raw consumer would otherwise get
+#: librdkafka's 1000 ms).
+CONSUMER_SETTINGS = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 500,
     "max.poll.interval.ms": 30000,
+    "fetch.queue.backoff.ms": DEFAULT_CONSUMER_CONFIG["fetch.queue.backoff.ms"],
 }
 
 
@@ -150,6 +164,18 @@ async def meshkit_publish(url: str, topic: str, msgs: list[tuple[bytes, bytes]])
     return Result(len(msgs), elapsed, *used)
 
 
+class Count:
+    """The no-op handler's body, the same on both sides: count, note the first and last."""
+
+    def __init__(self, n: int, clock: CpuClock, last: Any) -> None:
+        self.n = n
+        self.handled = 0
+        self.clock = clock
+        self.start = 0.0
+        self.cpu = clock.read()
+        self.last = last  # called once, after the n-th message
+
+
 def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
     consumer = Consumer(
         {
@@ -157,72 +183,79 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Result:
             "group.id": f"bench-raw-{secrets.token_hex(4)}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            **GROUP_SETTINGS,
+            **CONSUMER_SETTINGS,
         }
     )
     consumer.subscribe([topic])
-    handled = 0
-    sink = 0
+    clock = CpuClock()
+    finished = False
+
+    def last() -> None:
+        nonlocal finished
+        finished = True
+
+    count = Count(n, clock, last)
 
     def noop(value: bytes | None) -> None:
-        nonlocal sink
-        sink += 1
+        if count.handled == 0:
+            count.start, count.cpu = time.perf_counter(), clock.read()
+        count.handled += 1
+        if count.handled >= n:
+            count.last()
 
-    start: float | None = None
-    clock = CpuClock()
-    cpu = clock.read()
     deadline = time.monotonic() + 120
     try:
-        while handled < n:
+        while not finished:
             if time.monotonic() > deadline:
-                raise SystemExit(f"raw consume: only {handled} of {n} messages in 120 s")
+                raise SystemExit(f"raw consume: only {count.handled} of {n} messages in 120 s")
             batch = consumer.consume(500, 1.0)
-            if not batch:
-                continue
-            if start is None:
-                start, cpu = time.perf_counter(), clock.read()
             for msg in batch:
                 if msg.error() is None:
                     noop(msg.value())
-                    handled += 1
-            consumer.commit(asynchronous=True)  # commit after processing the batch
-        elapsed = time.perf_counter() - (start or time.perf_counter())
-        used = clock.since(cpu, clock.read())
+            if batch:
+                consumer.commit(asynchronous=True)  # commit after processing the batch
+        elapsed = time.perf_counter() - count.start
+        used = clock.since(count.cpu, clock.read())
     finally:
         consumer.close()
     return Result(n, elapsed, *used)
 
 
 async def meshkit_consume(url: str, topic: str, n: int) -> Result:
-    handled = 0
-    start = 0.0
     group = f"bench-meshkit-{secrets.token_hex(4)}"
     clock = CpuClock(f"meshkit-mq-{group}")
-    cpu = clock.read()
     done = asyncio.Event()
+    count = Count(n, clock, done.set)
 
     async def noop(value: bytes) -> None:
-        nonlocal handled, start, cpu
-        if handled == 0:
-            start, cpu = time.perf_counter(), clock.read()
-        handled += 1
-        if handled >= n:
-            done.set()
+        if count.handled == 0:
+            count.start, count.cpu = time.perf_counter(), clock.read()
+        count.handled += 1
+        if count.handled >= n:
+            count.last()
 
     worker = Worker(
         group,
         [Subscription(topic, noop, model=bytes)],
         url=url,
-        config=GROUP_SETTINGS,
+        config=CONSUMER_SETTINGS,
         metrics_registry=CollectorRegistry(),
     )
     await worker.start()
     try:
         await asyncio.wait_for(done.wait(), 120)
-        elapsed, used = time.perf_counter() - start, clock.since(cpu, clock.read())
+        elapsed, used = time.perf_counter() - count.start, clock.since(count.cpu, clock.read())
     finally:
         await worker.stop()
     return Result(n, elapsed, *used)
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Drop a round's topics (the broker keeps them in memory)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(topics, operation_timeout=10).values():
+        with contextlib.suppress(Exception):
+            future.result(10)
 
 
 def load() -> str:
@@ -243,22 +276,35 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     bootstrap = url.removeprefix("kafka://")
     try:
         msgs = _payloads(args.messages, args.size, args.keys)
-        topics = {f"bench-{name}-{secrets.token_hex(3)}": 3 for name in ("src", "pub")}
-        src, pub_topic = list(topics)
-        retry_topics = {f"{src}.retry.{i}": 3 for i in (1, 2)} | {f"{src}.dlq": 3}
-        await asyncio.to_thread(ensure_topics, bootstrap, topics | retry_topics)
+        fill = _payloads(args.consume_messages, args.size, args.keys)
+        n = args.consume_messages
         print(f"load before: {load()}", file=sys.stderr)
         results: dict[str, list[Result]] = {
             k: [] for k in ("raw_pub", "mk_pub", "raw_con", "mk_con")
         }
-        # Fill the consume topic (the first raw publish round does it).
-        for _ in range(args.rounds):
-            results["raw_pub"].append(await asyncio.to_thread(raw_publish, bootstrap, src, msgs))
-            results["mk_pub"].append(await meshkit_publish(url, pub_topic, msgs))
-        n = args.messages * args.rounds  # every raw round published into src
-        for _ in range(args.rounds):
-            results["raw_con"].append(await asyncio.to_thread(raw_consume, bootstrap, src, n))
-            results["mk_con"].append(await meshkit_consume(url, src, n))
+        for round_ in range(args.rounds):
+            run = secrets.token_hex(3)
+            names = {side: f"bench-{side}-{run}" for side in ("rawpub", "mkpub", "rawcon", "mkcon")}
+            await asyncio.to_thread(ensure_topics, bootstrap, dict.fromkeys(names.values(), 3))
+            # The two consume topics, filled the same way (untimed).
+            for side in ("rawcon", "mkcon"):
+                await asyncio.to_thread(raw_publish, bootstrap, names[side], fill)
+            first_raw = round_ % 2 == 0  # alternate which side goes first
+            for raw_side in (first_raw, not first_raw):
+                if raw_side:
+                    results["raw_pub"].append(
+                        await asyncio.to_thread(raw_publish, bootstrap, names["rawpub"], msgs)
+                    )
+                else:
+                    results["mk_pub"].append(await meshkit_publish(url, names["mkpub"], msgs))
+            for raw_side in (first_raw, not first_raw):
+                if raw_side:
+                    results["raw_con"].append(
+                        await asyncio.to_thread(raw_consume, bootstrap, names["rawcon"], n)
+                    )
+                else:
+                    results["mk_con"].append(await meshkit_consume(url, names["mkcon"], n))
+            await asyncio.to_thread(_delete_topics, bootstrap, list(names.values()))
         print(f"load after: {load()}", file=sys.stderr)
     finally:
         if broker is not None:
@@ -271,7 +317,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ("publish, deliveries awaited", "raw Producer", "raw_pub"),
         ("", "meshkit Publisher", "mk_pub"),
     ]
-    print(f"\n{args.messages} messages x {args.rounds} round(s), {args.size} B, {args.keys} keys")
+    print(
+        f"\n{n} messages consumed, {args.messages} published, x {args.rounds} round(s),"
+        f" {args.size} B, {args.keys} keys; consumer settings {CONSUMER_SETTINGS}"
+    )
     print(f"{'what':34} {'implementation':22} {'best msgs/s':>12} {'CPU us/msg':>10}  rounds")
     for what, impl, k in rows:
         rounds = ", ".join(f"{r.rate:,.0f}/{r.cpu_us:.2f}us" for r in results[k])
@@ -287,6 +336,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "bench": "mq",
         "messages": args.messages,
+        "consume_messages": n,
         "rounds": args.rounds,
         "size": args.size,
         "keys": args.keys,
@@ -312,6 +362,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "worker_cpu_us_per_msg": round(cpu["mk_con"], 2),
         "raw_publish_cpu_us_per_msg": round(cpu["raw_pub"], 2),
         "publisher_cpu_us_per_msg": round(cpu["mk_pub"], 2),
+        "fetch_queue_backoff_ms": CONSUMER_SETTINGS["fetch.queue.backoff.ms"],
         "loop": "uvloop" if _loop.uvloop_enabled() else "asyncio",
         "load": load(),
     }
@@ -321,14 +372,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="kafka://host:port (default: a fresh bundled broker)")
-    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--messages", type=int, default=100_000, help="published per round")
+    parser.add_argument(
+        "--consume-messages", type=int, default=300_000, help="consumed per round and side"
+    )
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="20k messages, 1 round")
+    parser.add_argument("--quick", action="store_true", help="100k/20k messages, 1 round")
     args = parser.parse_args()
     if args.quick:
-        args.messages, args.rounds = 20_000, 1
+        args.consume_messages, args.messages, args.rounds = 100_000, 20_000, 1
     configure_logging(level="WARNING", json=False, stream=sys.stderr)
     summary = _loop.run(main(args))
     print(json.dumps(summary), flush=True)

@@ -22,10 +22,14 @@ How it keeps its promises:
   most ``max_buffered`` messages are fetched and not finished; beyond that the assigned
   partitions are paused (the consumer keeps polling so it stays in the group) and
   resumed below half of it.
-* **Cheap per message.** A fetched batch is dispatched in one pass (the partition's
-  batch, route and codec are looked up once per run of one partition, the tracing
-  check once per batch) and runners take ready messages one after another without a
-  loop hop while handlers do not suspend. The common case (context-free ``async def``
+* **Cheap per message.** A batch fetched while nothing else is in flight is handled
+  inline: one runner iterates it in fetch order (no queue entry or key bookkeeping per
+  message; counts and offsets settled per run of one partition); when a handler
+  suspends, a callback behind the runner's step marks its key busy and dispatches the
+  rest of the batch as below. Otherwise a fetched batch is dispatched in one pass (the
+  partition's batch, route and codec are looked up once per run of one partition, the
+  tracing check once per batch) and runners take ready messages one after another
+  without a loop hop while handlers do not suspend. The common case (context-free ``async def``
   handler, subscribed topic, no headers, no tracing SDK) runs inline in the runner
   task, one coroutine per message: the handler's, started inside its runner task so
   ``asyncio.current_task()``/``asyncio.timeout()`` in a handler see that task. Anything
@@ -81,6 +85,10 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     "session.timeout.ms": 10_000,
     "heartbeat.interval.ms": 1_000,
     "max.poll.interval.ms": 300_000,
+    # librdkafka waits this long before fetching again once its local queue is over
+    # queued.min.messages; its default (1000 ms) idles a consumer that empties the
+    # queue faster than that (a broker may answer one fetch with 50k messages).
+    "fetch.queue.backoff.ms": 10,
 }
 
 _TPKey = tuple[str, int]
@@ -176,6 +184,31 @@ class _Runnable:
             if not waiter.done():
                 waiter.set_result(None)
                 n -= 1
+
+
+class _Inline:
+    """A fetched batch a runner handles in one pass, in fetch order (see ``Worker._run_inline``).
+
+    Started only while nothing else is in flight, so no key can be busy and no earlier
+    batch of any partition is unfinished. ``it`` is shared: when the runner's handler
+    suspends, a watch scheduled behind its step takes what the iterator has not handed out
+    yet and dispatches it the usual way, and the runner finishes its one message as
+    any runner does.
+    """
+
+    __slots__ = ("demoted", "done", "handed_off", "it", "key", "messages", "rest_count")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.it = iter(messages)
+        self.done = False
+        #: the rest went to the usual dispatch while a handler was suspended
+        self.demoted = False
+        #: how many messages that was, how many the runner no longer counts as in flight,
+        #: and the key of the one it was handling
+        self.rest_count = 0
+        self.handed_off = 0
+        self.key: bytes | None = None
 
 
 class Worker:
@@ -274,6 +307,7 @@ class Worker:
         self._held: dict[_TPKey, float] = {}  # retry partitions paused until (loop time)
         self._paused_all = False
         self._work = _Runnable()
+        self._inline: _Inline | None = None  # a batch waiting for a runner
         self._runners: list[asyncio.Task[None]] = []
         self.in_flight = 0  # read by the in-flight gauge at scrape time
         self._capacity = asyncio.Event()
@@ -414,37 +448,60 @@ class Worker:
     async def _consume_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        while not self._stopping:
-            try:
-                room = self.max_buffered - self.in_flight
-                if room <= 0:
-                    if not self._paused_all:
-                        await self._call(self._pause_all)
-                    self._capacity.clear()
-                    self._wants_capacity = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._capacity.wait(), 0.5)
-                    self._wants_capacity = False
-                    # Keep polling while paused: group membership and rebalances need it.
-                    messages = await self._call(consumer.consume, self.batch_size, 0)
-                else:
-                    if self._paused_all:
-                        await self._call(self._resume_all)
-                    messages = await self._call(
-                        consumer.consume, min(room, self.batch_size), self.poll_timeout
-                    )
-                if messages:
-                    self._dispatch(messages)
-                    # Let the runners take the batch before the next consume(): handlers
-                    # that never suspend finish it in this turn, so the consumer thread
-                    # then runs while the loop is idle instead of fighting it for the GIL.
-                    await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep consuming: a broker hiccup must not kill the worker
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("consume failed", group=self.group, error=self.last_error)
-                await asyncio.sleep(0.5)
+        #: the next batch, asked for before the last one was handed out (there was room)
+        pending: asyncio.Future[list[Message]] | None = None
+        try:
+            while not self._stopping:
+                try:
+                    if pending is not None:
+                        fetching, pending = pending, None  # a failed fetch is not awaited twice
+                        messages = await fetching
+                    else:
+                        room = self.max_buffered - self.in_flight
+                        if room <= 0:
+                            if not self._paused_all:
+                                await self._call(self._pause_all)
+                            self._capacity.clear()
+                            self._wants_capacity = True
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._capacity.wait(), 0.5)
+                            self._wants_capacity = False
+                            # Keep polling while paused: group membership and rebalances need it.
+                            messages = await self._call(consumer.consume, self.batch_size, 0)
+                        else:
+                            if self._paused_all:
+                                await self._call(self._resume_all)
+                            messages = await self._call(
+                                consumer.consume, min(room, self.batch_size), self.poll_timeout
+                            )
+                    if messages:
+                        # Ask for the next batch now if it fits: the consumer thread fetches
+                        # it while the runners handle this one.
+                        room = self.max_buffered - self.in_flight - len(messages)
+                        if room > 0 and not self._paused_all and not self._stopping:
+                            pending = self._prefetch(min(room, self.batch_size))
+                        if self._inline is not None:
+                            self._unstart_inline()
+                        if not self.in_flight and not recording():
+                            self._start_inline(messages)
+                        else:
+                            self._dispatch(messages)
+                        # Let the runners take the batch before anything else of this loop.
+                        await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # keep consuming: a broker hiccup must not kill it
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("consume failed", group=self.group, error=self.last_error)
+                    await asyncio.sleep(0.5)
+        finally:
+            if pending is not None:  # stopping: never handed out, so never committed
+                with contextlib.suppress(Exception):
+                    await pending
+
+    def _prefetch(self, n: int) -> asyncio.Future[list[Message]]:
+        assert self._loop is not None and self._io is not None and self._consumer is not None
+        return self._loop.run_in_executor(self._io, self._consumer.consume, n, self.poll_timeout)
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Hand a fetched batch to the runners: one :class:`OffsetBatch` per partition in
@@ -515,6 +572,227 @@ class Worker:
         work.wake()
         if held_now:
             self._spawn(self._hold(held_now))
+
+    def _start_inline(self, messages: list[Message]) -> None:
+        """Hand a whole fetched batch to one runner (nothing else is in flight)."""
+        self._inline = _Inline(messages)
+        self.in_flight += len(messages)
+        idle = self._work.idle
+        while idle:  # else a runner already woken takes it before the consume loop resumes
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _unstart_inline(self) -> None:
+        """A batch handed to the runners inline that none has taken yet goes the usual
+        way (before any later batch, so batches of a partition stay in fetch order)."""
+        pending, self._inline = self._inline, None
+        if pending is not None:
+            self.in_flight -= len(pending.messages)
+            self._dispatch(pending.messages)
+
+    async def _run_inline(self, inline: _Inline) -> None:
+        """Handle a fetched batch in this runner, message after message, in fetch order.
+
+        Nothing else is in flight when it starts, so no key is busy and no earlier batch
+        of any partition is unfinished. The common message (no headers, the handler
+        returns without failing) costs a few method calls, the handler's coroutine and
+        one clock read: latency is measured from the previous message's end, so it
+        includes the runner's own step for the message. Counts, the latency sum and
+        offsets are settled once per run of one partition, from the iterator's position
+        (a run's messages minus those that took another path). Anything else goes
+        through :meth:`_handle_full` here, in order. A partition this path does not take
+        (a retry topic, not assigned, held) and everything after it go to the usual
+        dispatch. When a handler suspends, a watch (a callback scheduled behind this
+        step) counts what finished, marks its key busy and dispatches the rest the usual
+        way, so other keys go on while this runner finishes its message like any runner.
+        """
+        assert self._loop is not None
+        routes, states, assigned, held = self._route_info, self._states, self._assigned, self._held
+        clock = time.perf_counter
+        bounds = HANDLER_BUCKETS
+        first_bound = bounds[0]
+        messages = inline.messages
+        n = len(messages)
+        it: Any = inline.it
+        remaining = it.__length_hint__  # a list iterator: how many it has not handed out
+        topic: str | None = None
+        partition: int | None = None
+        handler: Any = None
+        decode: Any = None
+        buckets: list[int] = []
+        rest: list[Message] = []
+        # The run of one partition being handled (read by settle() and watch()).
+        batch: OffsetBatch | None = None
+        route: _Route | None = None
+        run_start = 0  # index of its first message
+        others = 0  # its messages finished another way (full path, consumer errors)
+        slow = 0  # its handled messages slower than the first bucket (counted already)
+        lost = 0  # its messages given up (partition revoked): the batch stays open
+        gaps = 0.0  # its time spent on the full path (observed there)
+        run_t0 = prev = clock()  # prev: when the last message finished
+
+        def taken() -> int:
+            """Messages this runner took from the batch so far."""
+            return n - remaining() - inline.rest_count
+
+        def settle(in_hand: int) -> None:
+            """Close the current run; ``in_hand``: its last message taken is not done."""
+            nonlocal batch
+            assert batch is not None and route is not None
+            pos = taken() - in_hand
+            processed = pos - run_start - others
+            end = cast(int, messages[pos - 1].offset()) + 1 if pos > run_start else batch.end
+            self._settle(
+                route, batch, end, processed, processed - slow, prev - run_t0 - gaps, lost + in_hand
+            )
+            batch = None
+
+        def watch() -> None:
+            # Right behind this step: if it ended inside a handler, hand the rest over.
+            nonlocal run_start, others, slow, gaps, run_t0
+            if inline.done:
+                return
+            if batch is not None:  # what finished before the handler suspended counts now
+                assert route is not None
+                pos = taken() - 1
+                processed = pos - run_start - others
+                stats = route.stats
+                stats.processed += processed
+                stats.buckets[0] += processed - slow
+                stats.total += prev - run_t0 - gaps
+                run_start, others, slow, gaps, run_t0 = pos, 0, 0, 0.0, prev
+            self._demote_inline(inline)
+
+        self._loop.call_soon(watch)
+        finished = False
+        try:
+            for msg in it:
+                if msg.error() is not None:
+                    if batch is not None:
+                        settle(1)
+                    partition = None  # the next message starts a run
+                    self._consumer_error(msg)
+                    continue
+                if msg.partition() != partition or msg.topic() != topic:
+                    if batch is not None:
+                        settle(1)
+                    topic, partition = msg.topic(), msg.partition()
+                    tp = (topic, partition)
+                    route = routes.get(topic)  # type: ignore[arg-type]
+                    if route is None or not route.fast or tp in held or tp not in assigned:
+                        rest = [msg, *it]
+                        break
+                    state = states.get(tp)  # type: ignore[arg-type]
+                    if state is None:
+                        state = states[tp] = PartitionState(*tp)  # type: ignore[arg-type]
+                    batch = state.open(route, True)
+                    batch.left = 1  # never completes while its run is being handled
+                    handler, decode, buckets = route.handler, route.decode, route.buckets
+                    run_start, others, slow, lost, gaps, run_t0 = taken() - 1, 0, 0, 0, 0.0, prev
+                if msg.headers():
+                    if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
+                        lost += 1
+                    others += 1
+                    now = clock()
+                    gaps += now - prev
+                    prev = now
+                    continue
+                value = msg.value()
+                if decode is not None:
+                    try:
+                        value = decode(value)
+                    except Exception:  # poison: the full path dead-letters it
+                        if not await self._handle_full(msg, batch.state, None):  # type: ignore[union-attr]
+                            lost += 1
+                        others += 1
+                        now = clock()
+                        gaps += now - prev
+                        prev = now
+                        continue
+                elif value is None:
+                    value = b""  # RawCodec.decode
+                try:
+                    await handler(value)
+                except Exception as exc:
+                    now = clock()
+                    stats = route.stats  # type: ignore[union-attr]
+                    stats.observe(now - prev)
+                    stats.failed += 1
+                    if not await self._handle_full(msg, batch.state, exc):  # type: ignore[union-attr]
+                        lost += 1
+                    others += 1
+                    now = clock()
+                    gaps += now - prev
+                    prev = now
+                    continue
+                now = clock()
+                if now - prev > first_bound:
+                    slow += 1
+                    buckets[bisect_left(bounds, now - prev)] += 1
+                prev = now
+            finished = True
+        finally:
+            inline.done = True
+            if batch is not None:
+                # An exception out of a handler's step (cancelled): its message is not done.
+                settle(0 if finished else 1)
+            in_flight = self.in_flight - (n - inline.handed_off)
+            self.in_flight = in_flight
+            if inline.demoted:
+                key = inline.key
+                if key is not None:  # marked busy by _demote_inline: release it
+                    by_key = self._work.by_key
+                    queue = by_key[key]
+                    if queue:
+                        self._work.ready.append(queue.popleft())
+                        self._work.wake()
+                    else:
+                        del by_key[key]
+            if self._wants_capacity and in_flight <= self.max_buffered // 2:
+                self._capacity.set()
+        if rest:
+            self._dispatch(rest)
+
+    def _settle(
+        self,
+        route: _Route,
+        batch: OffsetBatch,
+        end: int,
+        processed: int,
+        first: int,
+        total: float,
+        lost: int,
+    ) -> None:
+        """The end of an inline run of one partition: counts, latency sum, offsets."""
+        stats = route.stats
+        stats.processed += processed
+        stats.buckets[0] += first
+        stats.total += total
+        batch.end = end
+        batch.left = lost  # a message given up (partition revoked) keeps the batch open
+        if not lost:
+            batch.state.completed()
+            self._progress.set()
+
+    def _demote_inline(self, inline: _Inline) -> None:
+        """The runner of ``inline`` is suspended in a handler: its key is marked busy and
+        the messages not handed out yet go to the usual dispatch (behind the runner's
+        batch, so the commit point still waits for its message)."""
+        rest = list(inline.it)
+        messages = inline.messages
+        current = messages[len(messages) - len(rest) - 1]  # the runner's message
+        inline.demoted = True
+        key = current.key()
+        inline.key = key
+        if key is not None:
+            self._work.by_key[key] = None
+        inline.rest_count = len(rest)
+        inline.handed_off = len(messages) - 1  # all but the runner's message, done or not
+        self.in_flight -= len(messages) - 1
+        if rest:
+            self._dispatch(rest)
 
     def _open_batch(self, tp: _TPKey, fast: bool) -> OffsetBatch | None:
         """The batch for ``tp``'s messages in this fetch, or ``None`` to skip them."""
@@ -773,6 +1051,11 @@ class Worker:
         undecoded = _UNDECODED
         while True:
             if not ready:
+                inline = self._inline
+                if inline is not None:
+                    self._inline = None
+                    await self._run_inline(inline)
+                    continue
                 waiter = create_future()
                 idle.append(waiter)
                 await waiter
