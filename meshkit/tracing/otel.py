@@ -90,6 +90,9 @@ def _current_span_context() -> Any:
     return span.get_span_context()
 
 
+# meshkit.tracing.fastspan.FastSpan once imported (it imports the SDK)
+_fast_span_class: Any = None
+
 _names: dict[tuple[str, str], str] = {}
 
 
@@ -146,8 +149,10 @@ class OTelHook:
             self._tracer_obj = trace.get_tracer("meshkit", tracer_provider=provider)
             self._recorder = None
             if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-                from .fastspan import recorder_for  # imports the SDK: only when one is in use
+                global _fast_span_class
+                from .fastspan import FastSpan, recorder_for  # the SDK: only when in use
 
+                _fast_span_class = FastSpan
                 self._recorder = recorder_for(provider)
             self._tracer_from = provider
         return self._tracer_obj
@@ -387,7 +392,11 @@ class OTelHook:
     @staticmethod
     def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
         # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
-        own: dict[str, Any] | None = getattr(span, "raw_attributes", None)
+        own: dict[str, Any] | None = (
+            span._attributes
+            if span.__class__ is _fast_span_class
+            else getattr(span, "raw_attributes", None)
+        )
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
         if (span._kind if own is not None else span.kind) is _CLIENT:

@@ -80,11 +80,12 @@ def _any_value(value: Any) -> bytes:
     return _T_STR + _varint(len(raw)) + raw
 
 
-# Encoded attribute fields by (field, key, type, value): meshkit's spans repeat most of
-# theirs (``rpc.service``, ``rpc.method``, ``meshkit.status_code``, peers, instances…).
-_pair_cache: dict[tuple[int, str, type, Any], bytes] = {}
+# Encoded attribute fields: meshkit's spans repeat most of theirs (``rpc.service``,
+# ``rpc.method``, ``meshkit.status_code``, peers, instances…). One cache per field tag;
+# string values by (key, value), booleans and integers by (key, value, type) (True == 1).
+_str_pairs: dict[int, dict[tuple[str, str], bytes]] = {}
+_num_pairs: dict[int, dict[tuple[str, Any, type], bytes]] = {}
 _PAIR_CACHE_MAX = 20000
-_CACHED_TYPES = (str, bool, int)
 
 
 def _pair(key: str, value: Any) -> bytes:
@@ -98,24 +99,37 @@ def _pair(key: str, value: Any) -> bytes:
     return encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
 
 
+def _cached_field(
+    cache: dict[Any, bytes], cache_key: Any, prefix: bytes, key: str, value: Any
+) -> bytes:
+    kv = _pair(key, value)
+    field = prefix + _varint(len(kv)) + kv
+    if len(cache) >= _PAIR_CACHE_MAX:
+        cache.clear()
+    cache[cache_key] = field
+    return field
+
+
 def _attributes(field_tag: int, attributes: Any) -> bytes:
     if not attributes:
         return b""
-    parts = []
+    parts: list[bytes] = []
+    append = parts.append
     prefix = _TAGS[field_tag]
-    cache = _pair_cache
+    strs = _str_pairs.get(field_tag)
+    if strs is None:
+        strs = _str_pairs[field_tag] = {}
+        _num_pairs[field_tag] = {}
+    nums = _num_pairs[field_tag]
     for key, value in attributes.items():
         kind = value.__class__
-        if kind in _CACHED_TYPES and (kind is not str or len(value) <= 256):
-            cache_key = (field_tag, key, kind, value)
-            field = cache.get(cache_key)
-            if field is None:
-                kv = _pair(key, value)
-                field = prefix + _varint(len(kv)) + kv
-                if len(cache) >= _PAIR_CACHE_MAX:
-                    cache.clear()
-                cache[cache_key] = field
-            parts.append(field)
+        if kind is str:
+            if len(value) <= 256:
+                field = strs.get((key, value))
+                if field is None:
+                    field = _cached_field(strs, (key, value), prefix, key, value)
+                append(field)
+                continue
         elif kind is float:  # (meshkit.deadline_ms: a new value nearly every span)
             encoded_key = _key_cache.get(key)
             if encoded_key is None:
@@ -123,10 +137,16 @@ def _attributes(field_tag: int, attributes: Any) -> bytes:
             else:  # KeyValue.value (2): 9 bytes of AnyValue.double_value (4, fixed64)
                 kv = encoded_key + b"\x12\x09\x21" + _pack_d(value)
             size = len(kv)
-            parts.append(prefix + (_TAGS[size] if size < 128 else _varint(size)) + kv)
-        else:
-            kv = _pair(key, value)
-            parts.append(prefix + _varint(len(kv)) + kv)
+            append(prefix + (_TAGS[size] if size < 128 else _varint(size)) + kv)
+            continue
+        elif kind is bool or kind is int:
+            field = nums.get((key, value, kind))
+            if field is None:
+                field = _cached_field(nums, (key, value, kind), prefix, key, value)
+            append(field)
+            continue
+        kv = _pair(key, value)
+        append(prefix + _varint(len(kv)) + kv)
     return b"".join(parts)
 
 
@@ -217,6 +237,16 @@ def _span(span: ReadableSpan) -> bytes:
     return b"".join(out)
 
 
+_SPAN_TAG = _TAGS[_tag(2, 2)]  # ScopeSpans.spans
+
+
+def _size(size: int) -> bytes:
+    """A length varint (spans are 128 bytes to 16 KiB: two bytes)."""
+    if 0x80 <= size < 0x4000:
+        return bytes((size & 0x7F | 0x80, size >> 7))
+    return _varint(size)
+
+
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` for ``spans``, grouped by resource and scope."""
     groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
@@ -239,7 +269,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
             if version:
                 scope_msg += _len_field(_tag(2, 2), version.encode())
             scope_body = _len_field(_tag(1, 2), scope_msg)
-            scope_body += b"".join(_len_field(_tag(2, 2), s) for s in encoded)
+            scope_body += b"".join([_SPAN_TAG + _size(len(s)) + s for s in encoded])
             body += _len_field(_tag(2, 2), scope_body)
         if resource.schema_url:
             body += _len_field(_tag(3, 2), resource.schema_url.encode())
