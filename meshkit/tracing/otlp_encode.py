@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE as _NO_STATE
 
-from .fastspan import FastSpan
+from .fastspan import _UNSET, FastSpan
 
 __all__ = ["OtlpHttpExporter", "encode_request"]
 
@@ -83,7 +84,7 @@ def _any_value(value: Any) -> bytes:
 # Encoded attribute fields: meshkit's spans repeat most of theirs (``rpc.service``,
 # ``rpc.method``, ``meshkit.status_code``, peers, instances…). One cache per field tag;
 # string values by (key, value), booleans and integers by (key, value, type) (True == 1).
-_str_pairs: dict[int, dict[tuple[str, str], bytes]] = {}
+_str_pairs: dict[int, dict[str, dict[str, bytes]]] = {}
 _num_pairs: dict[int, dict[tuple[str, Any, type], bytes]] = {}
 _PAIR_CACHE_MAX = 20000
 
@@ -110,6 +111,23 @@ def _cached_field(
     return field
 
 
+_str_entries = 0
+
+
+def _new_str_field(strs: dict[str, dict[str, bytes]], prefix: bytes, key: str, value: str) -> bytes:
+    """Encode a string attribute field and keep it (at most _PAIR_CACHE_MAX in all)."""
+    global _str_entries
+    _str_entries += 1
+    if _str_entries > _PAIR_CACHE_MAX:
+        for cache in _str_pairs.values():
+            cache.clear()
+        _str_entries = 1
+    kv = _pair(key, value)
+    field = prefix + _varint(len(kv)) + kv
+    strs.setdefault(key, {})[value] = field
+    return field
+
+
 def _attributes(field_tag: int, attributes: Any) -> bytes:
     if not attributes:
         return b""
@@ -124,11 +142,14 @@ def _attributes(field_tag: int, attributes: Any) -> bytes:
     for key, value in attributes.items():
         kind = value.__class__
         if kind is str:
+            values = strs.get(key)
+            if values is not None:
+                field = values.get(value)
+                if field is not None:
+                    append(field)
+                    continue
             if len(value) <= 256:
-                field = strs.get((key, value))
-                if field is None:
-                    field = _cached_field(strs, (key, value), prefix, key, value)
-                append(field)
+                append(_new_str_field(strs, prefix, key, value))
                 continue
         elif kind is float:  # (meshkit.deadline_ms: a new value nearly every span)
             encoded_key = _key_cache.get(key)
@@ -199,7 +220,7 @@ def _span(span: ReadableSpan) -> bytes:
     # 1 span id, 2 is_remote, 4 trace state. 1: trace_id, 2: span_id
     out = [b"\x0a\x10" + ctx[0].to_bytes(16, "big") + b"\x12\x08" + ctx[1].to_bytes(8, "big")]
     state = ctx[4]
-    if state:
+    if state is not _NO_STATE and state:  # (TraceState's truth is a Python __len__)
         out.append(_len_field(_tag(3, 2), state.to_header().encode()))
     if parent is not None:
         out.append(b"\x22\x08" + parent[1].to_bytes(8, "big"))  # 4: parent_span_id
@@ -225,7 +246,7 @@ def _span(span: ReadableSpan) -> bytes:
         body += _attributes(_tag(4, 2), link.attributes)
         body += b"\x35" + _pack_i(0x300 if lctx.is_remote else 0x100)  # 6: fixed32 flags
         out.append(_len_field(_tag(13, 2), body))
-    if status.status_code is not StatusCode.UNSET or status.description:
+    if status is not _UNSET and (status.status_code is not StatusCode.UNSET or status.description):
         code = status.status_code.value
         body = b""
         if status.description:
@@ -250,15 +271,22 @@ def _size(size: int) -> bytes:
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` for ``spans``, grouped by resource and scope."""
     groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
+    last_resource: Any = None
+    last_scope: Any = None
+    encoded: list[bytes] = []
     for span in spans:
         direct = span.__class__ in _DIRECT
         resource = span._resource if direct else span.resource
-        entry = groups.get(id(resource))
-        if entry is None:
-            entry = groups[id(resource)] = (resource, {})
         scope = span._instrumentation_scope if direct else span.instrumentation_scope
-        key = (scope.name, scope.version or "") if scope is not None else ("", "")
-        entry[1].setdefault(key, []).append(_span(span))
+        if resource is not last_resource or scope is not last_scope or last_resource is None:
+            # (spans of one process come in runs of one resource and scope)
+            entry = groups.get(id(resource))
+            if entry is None:
+                entry = groups[id(resource)] = (resource, {})
+            key = (scope.name, scope.version or "") if scope is not None else ("", "")
+            encoded = entry[1].setdefault(key, [])
+            last_resource, last_scope = resource, scope
+        encoded.append(_span(span))
     out = []
     for resource, scopes in groups.values():
         body = _len_field(_tag(1, 2), _attributes(_tag(1, 2), resource.attributes))
