@@ -48,6 +48,8 @@ _ERROR = StatusCode.ERROR
 
 
 _EMPTY = otel_context.Context()
+# opentelemetry.trace's globals: the installed provider read with one dict look-up
+_TRACE_GLOBALS = vars(trace)
 _dict_set = dict.__setitem__
 
 
@@ -206,7 +208,8 @@ class OTelHook:
             if _current_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
-        if self._provider_now() is not self._tracer_from:
+        provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
+        if (provider or self._provider_now()) is not self._tracer_from:
             self._tracer()
         recorder = self._recorder
         if recorder is not None and recorder.inline and _FAST_CONTEXT is not None:
@@ -282,7 +285,8 @@ class OTelHook:
             if "traceparent" not in headers:
                 return None
             return None, otel_context.attach(w3c.extract(headers))
-        if self._provider_now() is not self._tracer_from:
+        provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
+        if (provider or self._provider_now()) is not self._tracer_from:
             self._tracer()
         recorder = self._recorder
         caller = w3c.extract_span_context(headers)
