@@ -26,6 +26,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter
 
 from .._metrics import PerRegistry
+from .fastspan import FastSpan
 
 __all__ = ["ExportMetrics", "ExportQueue"]
 
@@ -142,7 +143,9 @@ class ExportQueue(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context[3] & 1:  # SpanContext.trace_flags.sampled, without 2 calls
+        # SpanContext.trace_flags.sampled, without 2 calls (3 with the context property)
+        context = span._context if span.__class__ is FastSpan else span.context
+        if not context[3] & 1:
             reason = self._tail_reason(span)
             if reason is None:
                 return
