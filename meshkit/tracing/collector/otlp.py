@@ -27,6 +27,7 @@ from .pbwire import Fallback, decode_request
 __all__ = ["Decoded", "OtlpError", "SpanRow", "decode_json", "decode_protobuf"]
 
 KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
+_NKINDS = len(KINDS)
 _HEX = frozenset("0123456789abcdef")
 _ZERO16 = bytes(16)
 _ZERO8 = bytes(8)
@@ -217,6 +218,7 @@ def _decode_wire(body: bytes) -> Decoded:
             resource = _pb_attrs(Resource.FromString(resource_raw or b"").attributes)
         except DecodeError:
             raise Fallback from None
+        default_service = resource.get("service.name") or "unknown"
         for s, spans in enumerate(scopes):
             for i, w in enumerate(spans):
                 raw_trace, raw_span, raw_parent, name, kind, start, end = w[:7]
@@ -238,19 +240,28 @@ def _decode_wire(body: bytes) -> Decoded:
                 if problem is not None:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
+                # what _row does, inline (a call with 14 arguments per span)
                 events, links = w[11], w[12]
+                attrs = w[9]
+                kind_name = KINDS[kind] if 0 <= kind < _NKINDS else "UNSPECIFIED"
+                service = attrs.get("meshkit.service") or default_service
+                code = w[7]
+                error = code == 2
                 append(
-                    _row(
+                    SpanRow(
                         trace_id,
                         span_id,
                         parent_id,
+                        service if service.__class__ is str else str(service),
                         name,
-                        KINDS[kind] if 0 <= kind < len(KINDS) else "UNSPECIFIED",
+                        kind_name,
                         start,
-                        end,
-                        w[7],
-                        w[8],
-                        w[9],
+                        end - start,
+                        error,
+                        w[8] if error else ("OK" if code == 1 else ""),
+                        _peer_service(kind_name, attrs) if kind == 3 or kind == 4 else None,
+                        attrs.get("meshkit.kept"),
+                        attrs,
                         [_event(e) for e in events] if events else [],
                         [_link(link) for link in links] if links else [],
                         resource,
