@@ -19,14 +19,15 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter
 
 from .._metrics import PerRegistry
-from .fastspan import FastSpan
 
 __all__ = ["ExportMetrics", "ExportQueue"]
 
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 #: Attribute set on a span exported only because it erred or was slow.
 KEPT_ATTRIBUTE = "meshkit.kept"
+
+#: Span classes whose ``context`` property returns their ``_context`` field, read directly
+#: on the hot path (``meshkit.tracing.fastspan`` adds its ``FastSpan``).
+DIRECT_CONTEXT: set[type] = {
+    cls for cls in (ReadableSpan, Span, getattr(sdk_trace, "_Span", None)) if isinstance(cls, type)
+}
 
 
 class ExportMetrics(PerRegistry):
@@ -144,7 +151,7 @@ class ExportQueue(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         # SpanContext.trace_flags.sampled, without 2 calls (3 with the context property)
-        context = span._context if span.__class__ is FastSpan else span.context
+        context: Any = span._context if span.__class__ in DIRECT_CONTEXT else span.context
         if not context[3] & 1:
             reason = self._tail_reason(span)
             if reason is None:
