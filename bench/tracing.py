@@ -445,6 +445,7 @@ def bench_ingest(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 def bench_viewer(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
+    sys.path.insert(0, str(REPO_ROOT / "tests"))  # (tracing_support imports echo_support)
     sys.path.insert(0, str(REPO_ROOT / "tests" / "tracing"))
     from test_viewer import big_trace  # the same 10k-span shape the browser test uses
     from tracing_support import otlp_json_request

@@ -19,7 +19,9 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
@@ -33,6 +35,12 @@ log = logging.getLogger(__name__)
 
 #: Attribute set on a span exported only because it erred or was slow.
 KEPT_ATTRIBUTE = "meshkit.kept"
+
+#: Span classes whose ``context`` property returns their ``_context`` field, read directly
+#: on the hot path (``meshkit.tracing.fastspan`` adds its ``FastSpan``).
+DIRECT_CONTEXT: set[type] = {
+    cls for cls in (ReadableSpan, Span, getattr(sdk_trace, "_Span", None)) if isinstance(cls, type)
+}
 
 
 class ExportMetrics(PerRegistry):
@@ -142,7 +150,9 @@ class ExportQueue(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context[3] & 1:  # SpanContext.trace_flags.sampled, without 2 calls
+        # SpanContext.trace_flags.sampled, without 2 calls (3 with the context property)
+        context: Any = span._context if span.__class__ in DIRECT_CONTEXT else span.context
+        if not context[3] & 1:
             reason = self._tail_reason(span)
             if reason is None:
                 return

@@ -49,6 +49,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
+from .export import DIRECT_CONTEXT
 from .tailspan import TailSpan, exception_attributes
 
 __all__ = ["FastRecorder", "FastSpan", "recorder_for"]
@@ -168,6 +169,9 @@ class FastSpan(ReadableSpan, trace.Span):
     def raw_attributes(self) -> dict[str, Any]:
         """The attribute dict itself (``attributes`` is a read-only view, as in the SDK)."""
         return self._attributes
+
+
+DIRECT_CONTEXT.add(FastSpan)  # the export queue reads its _context field directly
 
 
 class FastRecorder:

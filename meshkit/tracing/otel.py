@@ -48,6 +48,8 @@ _ERROR = StatusCode.ERROR
 
 
 _EMPTY = otel_context.Context()
+# opentelemetry.trace's globals: the installed provider read with one dict look-up
+_TRACE_GLOBALS = vars(trace)
 _dict_set = dict.__setitem__
 
 
@@ -89,6 +91,9 @@ def _current_span_context() -> Any:
         return trace.INVALID_SPAN_CONTEXT
     return span.get_span_context()
 
+
+# meshkit.tracing.fastspan.FastSpan once imported (it imports the SDK)
+_fast_span_class: Any = None
 
 _names: dict[tuple[str, str], str] = {}
 
@@ -146,8 +151,10 @@ class OTelHook:
             self._tracer_obj = trace.get_tracer("meshkit", tracer_provider=provider)
             self._recorder = None
             if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-                from .fastspan import recorder_for  # imports the SDK: only when one is in use
+                global _fast_span_class
+                from .fastspan import FastSpan, recorder_for  # the SDK: only when in use
 
+                _fast_span_class = FastSpan
                 self._recorder = recorder_for(provider)
             self._tracer_from = provider
         return self._tracer_obj
@@ -201,7 +208,8 @@ class OTelHook:
             if _current_span_context().is_valid:
                 propagate.inject(ctx.headers)
             return None
-        if self._provider_now() is not self._tracer_from:
+        provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
+        if (provider or self._provider_now()) is not self._tracer_from:
             self._tracer()
         recorder = self._recorder
         if recorder is not None and recorder.inline and _FAST_CONTEXT is not None:
@@ -277,7 +285,8 @@ class OTelHook:
             if "traceparent" not in headers:
                 return None
             return None, otel_context.attach(w3c.extract(headers))
-        if self._provider_now() is not self._tracer_from:
+        provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
+        if (provider or self._provider_now()) is not self._tracer_from:
             self._tracer()
         recorder = self._recorder
         caller = w3c.extract_span_context(headers)
@@ -387,7 +396,11 @@ class OTelHook:
     @staticmethod
     def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
         # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
-        own: dict[str, Any] | None = getattr(span, "raw_attributes", None)
+        own: dict[str, Any] | None = (
+            span._attributes
+            if span.__class__ is _fast_span_class
+            else getattr(span, "raw_attributes", None)
+        )
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
         if (span._kind if own is not None else span.kind) is _CLIENT:

@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE as _NO_STATE
 
-from .fastspan import FastSpan
+from .fastspan import _UNSET, FastSpan
 
 __all__ = ["OtlpHttpExporter", "encode_request"]
 
@@ -80,11 +81,12 @@ def _any_value(value: Any) -> bytes:
     return _T_STR + _varint(len(raw)) + raw
 
 
-# Encoded attribute fields by (field, key, type, value): meshkit's spans repeat most of
-# theirs (``rpc.service``, ``rpc.method``, ``meshkit.status_code``, peers, instances…).
-_pair_cache: dict[tuple[int, str, type, Any], bytes] = {}
+# Encoded attribute fields: meshkit's spans repeat most of theirs (``rpc.service``,
+# ``rpc.method``, ``meshkit.status_code``, peers, instances…). One cache per field tag;
+# string values by (key, value), booleans and integers by (key, value, type) (True == 1).
+_str_pairs: dict[int, dict[str, dict[str, bytes]]] = {}
+_num_pairs: dict[int, dict[tuple[str, Any, type], bytes]] = {}
 _PAIR_CACHE_MAX = 20000
-_CACHED_TYPES = (str, bool, int)
 
 
 def _pair(key: str, value: Any) -> bytes:
@@ -98,24 +100,57 @@ def _pair(key: str, value: Any) -> bytes:
     return encoded_key + _TAGS[_KV_VALUE] + _varint(len(val)) + val
 
 
+def _cached_field(
+    cache: dict[Any, bytes], cache_key: Any, prefix: bytes, key: str, value: Any
+) -> bytes:
+    kv = _pair(key, value)
+    field = prefix + _varint(len(kv)) + kv
+    if len(cache) >= _PAIR_CACHE_MAX:
+        cache.clear()
+    cache[cache_key] = field
+    return field
+
+
+_str_entries = 0
+
+
+def _new_str_field(strs: dict[str, dict[str, bytes]], prefix: bytes, key: str, value: str) -> bytes:
+    """Encode a string attribute field and keep it (at most _PAIR_CACHE_MAX in all)."""
+    global _str_entries
+    _str_entries += 1
+    if _str_entries > _PAIR_CACHE_MAX:
+        for cache in _str_pairs.values():
+            cache.clear()
+        _str_entries = 1
+    kv = _pair(key, value)
+    field = prefix + _varint(len(kv)) + kv
+    strs.setdefault(key, {})[value] = field
+    return field
+
+
 def _attributes(field_tag: int, attributes: Any) -> bytes:
     if not attributes:
         return b""
-    parts = []
+    parts: list[bytes] = []
+    append = parts.append
     prefix = _TAGS[field_tag]
-    cache = _pair_cache
+    strs = _str_pairs.get(field_tag)
+    if strs is None:
+        strs = _str_pairs[field_tag] = {}
+        _num_pairs[field_tag] = {}
+    nums = _num_pairs[field_tag]
     for key, value in attributes.items():
         kind = value.__class__
-        if kind in _CACHED_TYPES and (kind is not str or len(value) <= 256):
-            cache_key = (field_tag, key, kind, value)
-            field = cache.get(cache_key)
-            if field is None:
-                kv = _pair(key, value)
-                field = prefix + _varint(len(kv)) + kv
-                if len(cache) >= _PAIR_CACHE_MAX:
-                    cache.clear()
-                cache[cache_key] = field
-            parts.append(field)
+        if kind is str:
+            values = strs.get(key)
+            if values is not None:
+                field = values.get(value)
+                if field is not None:
+                    append(field)
+                    continue
+            if len(value) <= 256:
+                append(_new_str_field(strs, prefix, key, value))
+                continue
         elif kind is float:  # (meshkit.deadline_ms: a new value nearly every span)
             encoded_key = _key_cache.get(key)
             if encoded_key is None:
@@ -123,10 +158,16 @@ def _attributes(field_tag: int, attributes: Any) -> bytes:
             else:  # KeyValue.value (2): 9 bytes of AnyValue.double_value (4, fixed64)
                 kv = encoded_key + b"\x12\x09\x21" + _pack_d(value)
             size = len(kv)
-            parts.append(prefix + (_TAGS[size] if size < 128 else _varint(size)) + kv)
-        else:
-            kv = _pair(key, value)
-            parts.append(prefix + _varint(len(kv)) + kv)
+            append(prefix + (_TAGS[size] if size < 128 else _varint(size)) + kv)
+            continue
+        elif kind is bool or kind is int:
+            field = nums.get((key, value, kind))
+            if field is None:
+                field = _cached_field(nums, (key, value, kind), prefix, key, value)
+            append(field)
+            continue
+        kv = _pair(key, value)
+        append(prefix + _varint(len(kv)) + kv)
     return b"".join(parts)
 
 
@@ -179,7 +220,7 @@ def _span(span: ReadableSpan) -> bytes:
     # 1 span id, 2 is_remote, 4 trace state. 1: trace_id, 2: span_id
     out = [b"\x0a\x10" + ctx[0].to_bytes(16, "big") + b"\x12\x08" + ctx[1].to_bytes(8, "big")]
     state = ctx[4]
-    if state:
+    if state is not _NO_STATE and state:  # (TraceState's truth is a Python __len__)
         out.append(_len_field(_tag(3, 2), state.to_header().encode()))
     if parent is not None:
         out.append(b"\x22\x08" + parent[1].to_bytes(8, "big"))  # 4: parent_span_id
@@ -205,7 +246,7 @@ def _span(span: ReadableSpan) -> bytes:
         body += _attributes(_tag(4, 2), link.attributes)
         body += b"\x35" + _pack_i(0x300 if lctx.is_remote else 0x100)  # 6: fixed32 flags
         out.append(_len_field(_tag(13, 2), body))
-    if status.status_code is not StatusCode.UNSET or status.description:
+    if status is not _UNSET and (status.status_code is not StatusCode.UNSET or status.description):
         code = status.status_code.value
         body = b""
         if status.description:
@@ -217,18 +258,35 @@ def _span(span: ReadableSpan) -> bytes:
     return b"".join(out)
 
 
+_SPAN_TAG = _TAGS[_tag(2, 2)]  # ScopeSpans.spans
+
+
+def _size(size: int) -> bytes:
+    """A length varint (spans are 128 bytes to 16 KiB: two bytes)."""
+    if 0x80 <= size < 0x4000:
+        return bytes((size & 0x7F | 0x80, size >> 7))
+    return _varint(size)
+
+
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` for ``spans``, grouped by resource and scope."""
     groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
+    last_resource: Any = None
+    last_scope: Any = None
+    encoded: list[bytes] = []
     for span in spans:
         direct = span.__class__ in _DIRECT
         resource = span._resource if direct else span.resource
-        entry = groups.get(id(resource))
-        if entry is None:
-            entry = groups[id(resource)] = (resource, {})
         scope = span._instrumentation_scope if direct else span.instrumentation_scope
-        key = (scope.name, scope.version or "") if scope is not None else ("", "")
-        entry[1].setdefault(key, []).append(_span(span))
+        if resource is not last_resource or scope is not last_scope or last_resource is None:
+            # (spans of one process come in runs of one resource and scope)
+            entry = groups.get(id(resource))
+            if entry is None:
+                entry = groups[id(resource)] = (resource, {})
+            key = (scope.name, scope.version or "") if scope is not None else ("", "")
+            encoded = entry[1].setdefault(key, [])
+            last_resource, last_scope = resource, scope
+        encoded.append(_span(span))
     out = []
     for resource, scopes in groups.values():
         body = _len_field(_tag(1, 2), _attributes(_tag(1, 2), resource.attributes))
@@ -239,7 +297,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
             if version:
                 scope_msg += _len_field(_tag(2, 2), version.encode())
             scope_body = _len_field(_tag(1, 2), scope_msg)
-            scope_body += b"".join(_len_field(_tag(2, 2), s) for s in encoded)
+            scope_body += b"".join([_SPAN_TAG + _size(len(s)) + s for s in encoded])
             body += _len_field(_tag(2, 2), scope_body)
         if resource.schema_url:
             body += _len_field(_tag(3, 2), resource.schema_url.encode())

@@ -52,6 +52,7 @@ def _current_baggage() -> object:
 
 
 _FLAGS = {n: TraceFlags(n) for n in range(256)}
+_FLAGS_HEX = {f"{n:02x}": flags for n, flags in _FLAGS.items()}
 _new_context = tuple.__new__
 _NO_STATE = DEFAULT_TRACE_STATE
 
@@ -118,24 +119,28 @@ def extract_span_context(headers: Mapping[str, str]) -> SpanContext | None:
     context :func:`extract` would build holds nothing but this span context. ``None``
     means "call :func:`extract`".
     """
-    if "baggage" in headers or not uses_default_propagators():
+    if "baggage" in headers:
+        return None
+    checked = _checked
+    if (
+        checked[0] is not _PROPAGATE_GLOBALS.get(_TEXTMAP_NAME) or not checked[1]
+    ) and not uses_default_propagators():
         return None
     parent = headers.get("traceparent")
     if parent is None:
         return INVALID_SPAN_CONTEXT
-    match = _TRACEPARENT(parent)
-    if match is None:
+    if _TRACEPARENT(parent) is None:
         return None
-    trace_hex, span_hex, flags_hex = match.groups()
-    trace_id = int(trace_hex, 16)
-    span_id = int(span_hex, 16)
+    # matched: "00-" 32 hex digits "-" 16 hex digits "-" 2 hex digits
+    trace_id = int(parent[3:35], 16)
+    span_id = int(parent[36:52], 16)
     if trace_id == 0 or span_id == 0:
         return None
     state_header = headers.get("tracestate")
     state = TraceState.from_header([state_header]) if state_header else _NO_STATE
     # SpanContext(...) with ids known valid (non-zero, 128 and 64 bits): the same tuple
     return _new_context(  # type: ignore[no-any-return]
-        SpanContext, (trace_id, span_id, True, _FLAGS[int(flags_hex, 16)], state, True)
+        SpanContext, (trace_id, span_id, True, _FLAGS_HEX[parent[53:]], state, True)
     )
 
 

@@ -101,3 +101,32 @@ def test_meshkit_spans_encode_as_the_sdk_does() -> None:
     assert len(spans) == 4
     _same(spans)
     provider.shutdown()
+
+
+def test_cached_fields_keep_types_apart_and_resources_interleaved_group(monkeypatch: Any) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from meshkit.tracing import otlp_encode
+
+    monkeypatch.setattr(otlp_encode, "_PAIR_CACHE_MAX", 3)  # caches cleared while encoding
+    exporter = InMemorySpanExporter()
+    tracers = []
+    for name in ("a", "b"):
+        provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracers.append(provider.get_tracer("t"))
+    values: list[Any] = [True, 1, False, 0, "1", 1.0, "x", "y", "z", "x"]
+    for n, value in enumerate(values):  # spans of resources a, b, a, b… in one batch
+        with tracers[n % 2].start_as_current_span(f"op{n % 3}", attributes={"v": value, "n": n}):
+            pass
+    _same(exporter.get_finished_spans())
+    decoded = ExportTraceServiceRequest.FromString(encode_request(exporter.get_finished_spans()))
+    assert len(decoded.resource_spans) == 2
+    kinds = [
+        span.attributes[0].value.WhichOneof("value")
+        for rs in decoded.resource_spans
+        for span in rs.scope_spans[0].spans
+    ]
+    assert sorted(kinds) == sorted(
+        ["bool_value"] * 2 + ["int_value"] * 2 + ["double_value"] + ["string_value"] * 5
+    )

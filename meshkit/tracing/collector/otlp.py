@@ -18,10 +18,16 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from .pbwire import Fallback, decode_request
 
 __all__ = ["Decoded", "OtlpError", "SpanRow", "decode_json", "decode_protobuf"]
 
 KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
+_NKINDS = len(KINDS)
 _HEX = frozenset("0123456789abcdef")
 _ZERO16 = bytes(16)
 _ZERO8 = bytes(8)
@@ -51,6 +57,9 @@ class SpanRow:
     events: list[dict[str, Any]]
     links: list[dict[str, Any]]
     resource: dict[str, Any]
+    # ``attrs`` as the store's JSON text, when the decoder had it at hand (else made from
+    # ``attrs`` when stored)
+    attrs_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +101,7 @@ def _row(
     events: list[dict[str, Any]],
     links: list[dict[str, Any]],
     resource: dict[str, Any],
+    attrs_json: str | None = None,
 ) -> SpanRow:
     service = attrs.get("meshkit.service") or resource.get("service.name") or "unknown"
     error = status_code == 2
@@ -113,6 +123,7 @@ def _row(
         events,
         links,
         resource,
+        attrs_json,
     )
 
 
@@ -159,7 +170,108 @@ _SCALARS = frozenset(("string_value", "int_value", "double_value", "bool_value")
 
 
 def decode_protobuf(body: bytes) -> Decoded:
-    """Decode a binary ``ExportTraceServiceRequest``."""
+    """Decode a binary ``ExportTraceServiceRequest``.
+
+    The wire-format fast path (:mod:`.pbwire`) decodes what it can decode exactly; any
+    body it leaves (malformed ones included) goes through the generated classes, whose
+    result or error is the reference.
+    """
+    try:
+        return _decode_wire(body)
+    except Fallback:
+        return _decode_generated(body)
+
+
+def _slow_kv(raw: bytes) -> tuple[str, Any]:
+    try:
+        kv = KeyValue.FromString(raw)
+    except DecodeError:
+        raise Fallback from None
+    return kv.key, _pb_value(kv.value)
+
+
+def _event(raw: bytes) -> dict[str, Any]:
+    try:
+        e = Span.Event.FromString(raw)
+    except DecodeError:
+        raise Fallback from None
+    return {"time_ns": e.time_unix_nano, "name": e.name, "attrs": _pb_attrs(e.attributes)}
+
+
+def _link(raw: bytes) -> dict[str, Any]:
+    try:
+        link = Span.Link.FromString(raw)
+    except DecodeError:
+        raise Fallback from None
+    return {
+        "trace_id": link.trace_id.hex(),
+        "span_id": link.span_id.hex(),
+        "attrs": _pb_attrs(link.attributes),
+    }
+
+
+def _decode_wire(body: bytes) -> Decoded:
+    out = Decoded()
+    append = out.spans.append
+    for r, (resource_raw, scopes) in enumerate(decode_request(body, _slow_kv)):
+        try:
+            resource = _pb_attrs(Resource.FromString(resource_raw or b"").attributes)
+        except DecodeError:
+            raise Fallback from None
+        default_service = resource.get("service.name") or "unknown"
+        for s, spans in enumerate(scopes):
+            for i, w in enumerate(spans):
+                raw_trace, raw_span, raw_parent, name, kind, start, end = w[:7]
+                trace_id, span_id = raw_trace.hex(), raw_span.hex()
+                parent_id = raw_parent.hex()
+                # bytes.hex() gives lower-case hex digits: only sizes and zeros to check
+                if (
+                    len(raw_trace) == 16
+                    and len(raw_span) == 8
+                    and raw_trace != _ZERO16
+                    and raw_span != _ZERO8
+                    and (not raw_parent or len(raw_parent) == 8)
+                ):
+                    problem = None
+                else:
+                    problem = _check_ids(trace_id, span_id, parent_id)
+                if problem is None and end < start:
+                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is not None:
+                    out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
+                    continue
+                # what _row does, inline (a call with 14 arguments per span)
+                events, links = w[11], w[12]
+                attrs = w[9]
+                kind_name = KINDS[kind] if 0 <= kind < _NKINDS else "UNSPECIFIED"
+                service = attrs.get("meshkit.service") or default_service
+                code = w[7]
+                error = code == 2
+                append(
+                    SpanRow(
+                        trace_id,
+                        span_id,
+                        parent_id,
+                        service if service.__class__ is str else str(service),
+                        name,
+                        kind_name,
+                        start,
+                        end - start,
+                        error,
+                        w[8] if error else ("OK" if code == 1 else ""),
+                        _peer_service(kind_name, attrs) if kind == 3 or kind == 4 else None,
+                        attrs.get("meshkit.kept"),
+                        attrs,
+                        [_event(e) for e in events] if events else [],
+                        [_link(link) for link in links] if links else [],
+                        resource,
+                        w[10],
+                    )
+                )
+    return out
+
+
+def _decode_generated(body: bytes) -> Decoded:
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)

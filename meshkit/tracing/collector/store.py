@@ -10,6 +10,7 @@ oldest tenth goes, until it fits.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -63,7 +64,17 @@ CREATE INDEX IF NOT EXISTS links_trace ON links (trace_id);
 CREATE INDEX IF NOT EXISTS links_start ON links (start_ns);
 """
 
-_INSERT = "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_COLUMNS = 16
+_ROWS_PER_INSERT = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_rows(rows: int) -> str:
+    """``INSERT OR REPLACE INTO spans`` of ``rows`` rows (one statement)."""
+    one = "(" + ",".join("?" * _COLUMNS) + ")"
+    return "INSERT OR REPLACE INTO spans VALUES " + ",".join([one] * rows)
+
+
 _INSERT_LINK = "INSERT INTO links VALUES (?,?,?,?,?)"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
@@ -89,6 +100,69 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+class _Checkpointer:
+    """Copies the write-ahead log into the database file from a thread of its own.
+
+    SQLite's automatic checkpoint runs inside the committing writer: the writer would stop
+    inserting while pages are copied and the file is synced. Here the writer only counts
+    what it wrote; every ``every_spans`` spans (and every few seconds) this thread runs a
+    PASSIVE checkpoint on its own connection, which copies what it can without blocking
+    the writer. Under a long burst a PASSIVE checkpoint may never find the log fully
+    copied when the writer starts a transaction (the moment the log restarts from its
+    beginning), so past ``max_wal_bytes`` it runs a RESTART checkpoint, which waits for
+    the writer between two transactions and makes the next one reuse the log.
+    """
+
+    def __init__(
+        self, path: str, *, every_spans: int = 8192, max_wal_bytes: int = 64 << 20
+    ) -> None:
+        self.path = path
+        self.every_spans = every_spans
+        self.max_wal_bytes = max_wal_bytes
+        self.checkpoints = 0
+        self._conn = _connect(path)
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run, name="meshkit-trace-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def wrote(self, spans: int) -> None:
+        """The writer committed ``spans`` spans (called from the writer thread)."""
+        self._pending += spans
+        if self._pending >= self.every_spans:
+            self._pending = 0
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(timeout=5.0)
+            self._wake.clear()
+            if self._stopped:
+                return
+            try:
+                self.checkpoint()
+            except sqlite3.Error:
+                log.exception("trace store checkpoint failed")
+
+    def checkpoint(self) -> None:
+        try:
+            wal = Path(self.path + "-wal").stat().st_size
+        except OSError:
+            wal = 0
+        mode = "RESTART" if wal > self.max_wal_bytes else "PASSIVE"
+        self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
+        self.checkpoints += 1
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._conn.close()
+
+
 class SpanStore:
     """Spans in one SQLite file (``":memory:"`` is refused: readers need the file)."""
 
@@ -110,6 +184,19 @@ class SpanStore:
         self.retention_every = retention_every
         self._writer_conn = _connect(self.path)
         self._writer_conn.executescript(SCHEMA)
+        # Checkpoints run in their own thread (see _Checkpointer); the writer's automatic
+        # one stays as a backstop, far above the checkpointer's pace. A log that restarts
+        # is cut back to journal_size_limit.
+        self._writer_conn.execute("PRAGMA wal_autocheckpoint=32768")
+        self._writer_conn.execute("PRAGMA journal_size_limit=67108864")
+        self._rows_per_insert = max(
+            1,
+            min(
+                _ROWS_PER_INSERT,
+                self._writer_conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _COLUMNS,
+            ),
+        )
+        self._checkpointer = _Checkpointer(self.path)
         self._queue: queue.Queue[list[SpanRow] | _Flush | None] = queue.Queue(max_queued_requests)
         self._local = threading.local()
         self.spans_written = 0
@@ -184,14 +271,19 @@ class SpanStore:
                 return
 
     def _write(self, batch: Sequence[SpanRow]) -> None:
-        rows = []
+        # Rows go in as multi-row INSERTs of up to _ROWS_PER_INSERT rows: one statement
+        # step per chunk instead of one per span. The sqlite3 module lets go of the GIL
+        # around each step and must win it back after: per span, that hand-off waited on
+        # the event loop (decoding the next request) far longer than the insert took.
+        params: list[Any] = []
+        extend = params.extend
         links = []
         resources: dict[int, str] = {}  # one JSON text per resource (shared by its spans)
         for s in batch:
             resource = resources.get(id(s.resource))
             if resource is None:
                 resource = resources[id(s.resource)] = _dumps(s.resource)
-            rows.append(
+            extend(
                 (
                     s.trace_id,
                     s.span_id,
@@ -205,7 +297,7 @@ class SpanStore:
                     s.status,
                     s.peer_service,
                     s.kept,
-                    _dumps(s.attrs),
+                    s.attrs_json or _dumps(s.attrs),
                     _dumps(s.events) if s.events else "[]",
                     _dumps(s.links) if s.links else "[]",
                     resource,
@@ -214,16 +306,20 @@ class SpanStore:
             for link in s.links:
                 links.append((s.trace_id, s.span_id, link["trace_id"], link["span_id"], s.start_ns))
         conn = self._writer_conn
+        chunk = self._rows_per_insert * _COLUMNS
         conn.execute("BEGIN")
         try:
-            conn.executemany(_INSERT, rows)
+            for i in range(0, len(params), chunk):
+                part = params[i : i + chunk]
+                conn.execute(_insert_rows(len(part) // _COLUMNS), part)
             if links:
                 conn.executemany(_INSERT_LINK, links)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.spans_written += len(rows)
+        self.spans_written += len(batch)
+        self._checkpointer.wrote(len(batch))
 
     def apply_retention(self, now_ns: int | None = None) -> int:
         """Delete spans past ``max_age`` and the oldest while over ``max_bytes``."""
@@ -268,6 +364,11 @@ class SpanStore:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._checkpointer.close()
+        try:  # leave the file whole and the log empty
+            self._writer_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            log.exception("trace store checkpoint at close failed")
         self._writer_conn.close()
 
     # -- reading ------------------------------------------------------------------
