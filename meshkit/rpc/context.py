@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .endpoint import Endpoint
 
 # Metadata keys meshkit itself reads and writes (see DESIGN.md, "Wire").
@@ -49,5 +47,3 @@ class CallContext:
     extras: dict[str, Any] = field(default_factory=dict)
     # Server side: the undecoded message (a codec.MessageReader) until the decode stage runs.
     raw: Any = None
-    # Server side: the task running the call (set by the server; what a deadline cancels).
-    task: asyncio.Task[Any] | None = None

@@ -60,10 +60,11 @@ def parse_timeout_ms(value: str | None) -> float | None:
 
 
 class ClientDeadline(HookStage):
-    """Client side: fix the call's deadline and put the remaining budget on the wire.
+    """Client side: fix the call's deadline (``ctx.deadline``).
 
     The deadline is the earlier of the call's own ``timeout`` and the deadline
-    inherited from the surrounding call (if this code runs inside a handler).
+    inherited from the surrounding call (if this code runs inside a handler). The
+    transport puts what is left of it on the wire when it sends each attempt.
     """
 
     name = "deadline"
@@ -86,13 +87,11 @@ class ClientDeadline(HookStage):
             if inherited is not None and inherited < deadline:
                 deadline = inherited
         ctx.deadline = deadline
-        left = deadline - now
-        if left <= 0:
+        if deadline <= now:
             raise DeadlineExceeded(
                 f"call {ctx.service}.{ctx.method} not sent: its budget was already spent "
-                f"({-left * 1000:.1f} ms past the deadline)"
+                f"({(now - deadline) * 1000:.1f} ms past the deadline)"
             )
-        ctx.headers[TIMEOUT_KEY] = str(int(left * 1000) or 1)  # at least 1 ms: 0 means spent
 
 
 # The handler's task, the deadline context variable's token, the budget (seconds).
@@ -132,7 +131,9 @@ class ServerDeadline(HookStage):
             )
         deadline = _monotonic() + budget
         ctx.deadline = deadline
-        task = ctx.task or asyncio.current_task()
+        # The task running this stage: a middleware before it may have moved the rest
+        # of the chain into a task of its own (wait_for, shield).
+        task = asyncio.current_task()
         assert task is not None
         timers = self._timers
         if timers is None:

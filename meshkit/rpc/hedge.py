@@ -58,7 +58,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from .._metrics import PerRegistry
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, MeshkitError
-from .context import TIMEOUT_KEY, CallContext
+from .context import CallContext
 from .pipeline import Next
 from .retry import RetryBudget
 
@@ -237,14 +237,12 @@ class Hedge:
         return await self._hedged(ctx, call_next)
 
     @staticmethod
-    def _copy(ctx: CallContext, ctxs: list[CallContext], now: float) -> CallContext:
+    def _copy(ctx: CallContext, ctxs: list[CallContext]) -> CallContext:
         tried = list(ctx.tried)
         for other in ctxs:
             if other.endpoint is not None and other.endpoint not in tried:
                 tried.append(other.endpoint)
-        headers = dict(ctx.headers)
-        if ctx.deadline is not None and TIMEOUT_KEY in headers:
-            headers[TIMEOUT_KEY] = str(max(1, int((ctx.deadline - now) * 1000)))
+        headers = dict(ctx.headers)  # its own: the transport writes the budget left into it
         extras = {k: v for k, v in ctx.extras.items() if k != "hedged"}
         extras["hedge"] = True
         return dataclasses.replace(
@@ -317,7 +315,7 @@ class Hedge:
             self._count(ctx, "budget_exhausted")
             return
         index = len(run.ctxs)
-        copy = self._copy(ctx, run.ctxs, now)
+        copy = self._copy(ctx, run.ctxs)
         run.ctxs.append(copy)
         run.starts.append(time.perf_counter())
         hedge = asyncio.ensure_future(run.call_next(copy))

@@ -54,6 +54,12 @@ class EndpointObserver(Protocol):
     ) -> None: ...
 
 
+def _may_idle(policy: object) -> bool:
+    # Only a plain boolean attribute counts: a method or an Event named ``idle`` is not
+    # this protocol.
+    return isinstance(getattr(policy, "idle", None), bool)
+
+
 class Pick(HookStage):
     """Choose the endpoint of this attempt and report how it went."""
 
@@ -77,12 +83,12 @@ class Pick(HookStage):
         # Each policy with a pair saying whether it may be idle (see EndpointSelector):
         # an attribute read instead of a Python call per attempt while it is.
         self._selecting: tuple[tuple[Any, bool], ...] = tuple(
-            (s, hasattr(s, "idle")) for s in self.selectors
+            (s, _may_idle(s)) for s in self.selectors
         )
-        self._finishing = tuple((o, hasattr(o, "idle")) for o in watchers)
+        self._finishing = tuple((o, _may_idle(o)) for o in watchers)
         # Observers whose on_start does nothing say so (``observes_start = False``).
         self._starting = tuple(
-            (o, hasattr(o, "idle")) for o in watchers if getattr(o, "observes_start", True)
+            (o, _may_idle(o)) for o in watchers if getattr(o, "observes_start", True)
         )
 
     def enter(self, ctx: CallContext) -> tuple[Endpoint, float] | None:

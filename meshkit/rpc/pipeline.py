@@ -216,7 +216,9 @@ def _fused_source(
     """The source of ``make(call_next, again, e0, x0, …)`` returning the fused coroutine.
 
     Stages ``0..loop`` enter once; stages after ``loop`` (all of them when ``loop`` is
-    -1 and there is no loop) enter and exit once per run of the rest of the chain.
+    -1 and there is no loop) enter and exit once per run of the rest of the chain. An
+    error that an exit put in place of another is raised outside any ``except`` block
+    (from ``replaced``), so Python keeps the chain ``_unwind`` built.
     """
     outer = range(n) if loop < 0 else range(loop + 1)
     inner = range(loop + 1, n) if loop >= 0 else range(0)
@@ -231,22 +233,14 @@ def _fused_source(
         keep = exits[i] or i == loop
         return f"t{i} = {call}" if keep else call
 
-    def reraise(indent: str, unwound: str) -> list[str]:
-        return [
-            f"{indent}error = _unwind({unwound}, ctx, exc)",
-            f"{indent}if error is exc:",
-            f"{indent}    raise",
-            f"{indent}raise error",
-        ]
-
     tokens = [f"t{i}" for i in range(n) if exits[i] or i == loop]
     lines = [
         f"def make(call_next, again, {', '.join(f'e{i}, x{i}' for i in range(n))}):",
         "    async def stages(ctx):",
+        f"        {' = '.join([*tokens, 'replaced'])} = None",
+        "        try:",
+        *(f"            {enter(i)}" for i in outer),
     ]
-    if tokens:
-        lines.append(f"        {' = '.join(tokens)} = None")
-    lines += ["        try:", *(f"            {enter(i)}" for i in outer)]
     if loop < 0:
         lines.append("            result = await call_next(ctx)")
     else:
@@ -265,24 +259,46 @@ def _fused_source(
                 ]
         lines += [
             "                    break",
-            "                except Exception as exc:",
-            f"                    error = _unwind({pairs(inner)}, ctx, exc)",
+            "                except BaseException as exc:",
+            f"                    failed = _unwind({pairs(inner)}, ctx, exc)",
         ]
         inner_tokens = [f"t{i}" for i in inner if exits[i]]
         if inner_tokens:
             lines.append(f"                    {' = '.join(inner_tokens)} = None")
+        # The loop's decision is made outside the except block, so an error raised by
+        # again() (or the failure itself) keeps the chain as nested stages would.
         lines += [
-            "                    delay = None",
-            f"                    if t{loop} is not None and isinstance(error, Exception):",
-            f"                        delay = again(ctx, t{loop}, error)",
-            "                    if delay is None:",
-            "                        if error is exc:",
-            "                            raise",
-            "                        raise error",
-            "                    if delay > 0:",
-            "                        await _sleep(delay)",
+            f"                    if failed is exc and (t{loop} is None"
+            " or not isinstance(exc, Exception)):",
+            "                        raise",
+            f"                if t{loop} is None or not isinstance(failed, Exception):",
+            "                    replaced = failed",
+            "                    break",
+            "                try:",
+            f"                    delay = again(ctx, t{loop}, failed)",
+            "                except BaseException as exc:",
+            "                    if exc is not failed:",
+            "                        exc.__context__ = failed",
+            "                    replaced = exc",
+            "                    break",
+            "                if delay is None:",
+            "                    replaced = failed",
+            "                    break",
+            "                failed = None",
+            "                if delay > 0:",
+            "                    await _sleep(delay)",
+            "            if replaced is not None:",
+            "                raise replaced",
         ]
-    lines += ["        except BaseException as exc:", *reraise(" " * 12, pairs(range(n)))]
+    lines += [
+        "        except BaseException as exc:",
+        f"            error = _unwind({pairs(range(n))}, ctx, exc)",
+        "            if error is exc:",
+        "                raise",
+        "            replaced = error",
+        "        if replaced is not None:",
+        "            raise replaced",
+    ]
     for i in reversed(outer):
         if exits[i]:
             lines += [
@@ -290,7 +306,12 @@ def _fused_source(
                 "            try:",
                 f"                x{i}(ctx, t{i}, None)",
                 "            except BaseException as exc:",
-                *reraise(" " * 16, pairs(range(i))),
+                f"                error = _unwind({pairs(range(i))}, ctx, exc)",
+                "                if error is exc:",
+                "                    raise",
+                "                replaced = error",
+                "            if replaced is not None:",
+                "                raise replaced",
             ]
     lines += ["        return result", "    return stages", ""]
     return "\n".join(lines)
@@ -302,12 +323,24 @@ def _unwind(
     error: BaseException,
 ) -> BaseException:
     """Exit the ``(exit, token)`` pairs (innermost last in the tuple, exited first) with
-    ``error``; the error to raise (an exit may replace it)."""
+    ``error``; the error to raise (an exit may replace it).
+
+    Called while the caller handles ``error``: Python then links anything an exit
+    raises to that first error. The chain is set as nested stages would have it: a
+    replacement follows the error it replaced, and an exit that re-raises the error it
+    was given changes nothing.
+    """
+    handled = error
     for exit_, token in reversed(entered):
         if token is not None:
+            context = error.__context__
             try:
                 exit_(ctx, token, error)
-            except BaseException as exc:  # an exit replaced the outcome
-                exc.__context__ = error
+            except BaseException as exc:
+                if exc is error:  # re-raised as given: not a replacement
+                    error.__context__ = context
+                    continue
+                if exc.__context__ is handled or exc.__context__ is None:
+                    exc.__context__ = error
                 error = exc
     return error

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter
 from .._metrics import PerRegistry
 from ..errors import InvalidArgument, MeshkitError, StatusCode
 from .connection import ConnectionUnavailable
-from .context import TIMEOUT_KEY, CallContext
+from .context import CallContext
 from .pipeline import LoopStage
 
 # Budget arithmetic is done in integer micro-tokens, so deposits and withdrawals
@@ -260,8 +260,10 @@ class Retry(LoopStage):
 
     def enter(self, ctx: CallContext) -> RetryPolicy:
         budget = self.policy.budget
-        if budget is not None:
-            # budget.deposit(), inlined (this runs on every call; same module)
+        if type(budget) is not RetryBudget:
+            if budget is not None:
+                budget.deposit()
+        else:  # budget.deposit(), inlined (this runs on every call; same module)
             now = budget._clock()
             if now >= budget._bucket_end:
                 budget._advance(now)
@@ -291,8 +293,4 @@ class Retry(LoopStage):
         if ctx.endpoint is not None:
             ctx.tried.append(ctx.endpoint)
         ctx.attempt = attempt + 1
-        if deadline is not None and TIMEOUT_KEY in ctx.headers:
-            # The budget on the wire is relative: send what will be left after the backoff.
-            left = deadline - now - delay
-            ctx.headers[TIMEOUT_KEY] = str(max(1, int(left * 1000)))
         return delay

@@ -385,7 +385,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
         self.server._call_started()
         task = self._loop.create_task(self._run(ctx, frame, seqid, reader.seqid))
-        ctx.task = task
         self.tasks[task] = seqid
         task.add_done_callback(self._call_done)
         self._update_reading()

@@ -41,12 +41,14 @@ class Tracing(HookStage):
 
     def __init__(self, hook: TracerHook, side: str) -> None:
         self.hook = hook
-        # The hook's own start is the enter: one Python call fewer on every call.
-        self.enter = hook.start_client if side == "client" else hook.start_server  # type: ignore[method-assign]
+        self.side = side
+        if type(self).enter is Tracing.enter:  # not overridden by a subclass
+            # The hook's own start is the enter: one Python call fewer on every call.
+            self.enter = hook.start_client if side == "client" else hook.start_server  # type: ignore[method-assign]
 
     def enter(self, ctx: CallContext) -> Any:
         """Replaced per instance by the hook's ``start_client`` or ``start_server``."""
-        return None
+        return self.hook.start_client(ctx) if self.side == "client" else self.hook.start_server(ctx)
 
     def exit(self, ctx: CallContext, token: Any, error: BaseException | None) -> None:
         self.hook.end(token, ctx, error)

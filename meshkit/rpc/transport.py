@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
-from ..errors import FrameError, Internal, InvalidArgument, MeshkitError, error_for_code
+from ..errors import (
+    DeadlineExceeded,
+    FrameError,
+    Internal,
+    InvalidArgument,
+    MeshkitError,
+    error_for_code,
+)
 from .codec import encode_message, read_message
 from .connection import ConnectionPool
-from .context import CANCEL_FEATURE, FEATURES_KEY, STATUS_KEY, CallContext
+from .context import CANCEL_FEATURE, FEATURES_KEY, STATUS_KEY, TIMEOUT_KEY, CallContext
 from .handler import MethodSpec
 from .theader import ProtocolId, encode_frame
+
+_monotonic = time.monotonic
 
 _CODE_FOR_APP_EXC = {
     TApplicationException.UNKNOWN_METHOD: "UNIMPLEMENTED",
@@ -64,6 +74,16 @@ class Transport:
                 f"{type(exc).__name__}: {exc}"
             ) from None
         headers = ctx.headers
+        deadline = ctx.deadline
+        if deadline is not None:
+            # The budget on the wire is relative: what is left now, as this attempt leaves.
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"call {ctx.service}.{ctx.method} not sent: its budget ran out before "
+                    f"attempt {ctx.attempt} could leave ({-left * 1000:.1f} ms past the deadline)"
+                )
+            headers[TIMEOUT_KEY] = str(int(left * 1000) or 1)  # at least 1 ms: 0 means spent
         if not conn.announced:
             # First frame on this connection: say what we support (see FEATURES_KEY).
             conn.announced = True
@@ -72,7 +92,7 @@ class Transport:
         if spec.oneway:
             conn.send_oneway(frame)
             return None
-        fut = conn.send(seqid, frame, ctx.deadline)
+        fut = conn.send(seqid, frame, deadline)
         try:
             reply = await fut
         except asyncio.CancelledError:

@@ -356,3 +356,25 @@ async def test_a_retries_only_stage_is_skipped_on_the_first_attempt() -> None:
         "exit b token ok",
         "exit r ok",
     ]
+
+
+async def test_the_server_deadline_cancels_the_task_that_runs_it() -> None:
+    # A middleware before the deadline stage may run the rest of the chain in a task of
+    # its own (wait_for on 3.11, shield): that task is the one to cancel.
+    from meshkit.errors import DeadlineExceeded
+    from meshkit.rpc.context import TIMEOUT_KEY
+    from meshkit.rpc.deadline import ServerDeadline
+
+    class WaitFor:
+        name = "wait_for"
+
+        async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+            return await asyncio.wait_for(call_next(ctx), 30)
+
+    async def slow(ctx: CallContext) -> None:
+        await asyncio.sleep(30)
+
+    pipeline = Pipeline([WaitFor(), ServerDeadline()], slow, terminal_name="t")
+    call = CallContext("svc", "method", headers={TIMEOUT_KEY: "50"})
+    with pytest.raises(DeadlineExceeded, match="ran out"):
+        await asyncio.wait_for(pipeline(call), 10)
