@@ -149,7 +149,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.pending[seqid] = fut
         if deadline is not None:
-            self._timers.add(seqid, deadline)
+            timers = self._timers  # timers.add(), inlined: this runs on every call
+            timers[seqid] = deadline
+            if deadline < timers.next_fire:
+                timers.arm(deadline)
         self._write(frame)
         return fut
 

@@ -138,7 +138,9 @@ class ServerDeadline(HookStage):
         timers = self._timers
         if timers is None:
             timers = self._timers = DeadlineTimers(self._expire, asyncio.get_running_loop())
-        timers.add(task, deadline)
+        timers[task] = deadline  # timers.add(), inlined: this runs on every call
+        if deadline < timers.next_fire:
+            timers.arm(deadline)
         return task, _deadline.set(deadline), budget
 
     def exit(

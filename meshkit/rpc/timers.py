@@ -28,20 +28,25 @@ class DeadlineTimers(dict[K, float]):
     for every call. Use from one event loop.
     """
 
-    __slots__ = ("_at", "_fire", "_handle", "_loop")
+    __slots__ = ("_fire", "_handle", "_loop", "next_fire")
 
     def __init__(self, fire: Callable[[K], None], loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._fire = fire
         self._loop = loop
         self._handle: asyncio.TimerHandle | None = None
-        self._at = math.inf  # when the armed timer fires (inf: none armed)
+        #: when the armed timer fires (inf: none armed)
+        self.next_fire = math.inf
 
     def add(self, key: K, deadline: float) -> None:
-        """Fire ``key`` at ``deadline`` unless it is dropped before."""
+        """Fire ``key`` at ``deadline`` unless it is dropped before.
+
+        Hot paths may write ``timers[key] = deadline`` and then call :meth:`arm` only
+        when ``deadline < timers.next_fire``: the same, without a Python call per key.
+        """
         self[key] = deadline
-        if deadline < self._at:
-            self._arm(deadline)
+        if deadline < self.next_fire:
+            self.arm(deadline)
 
     def discard(self, key: K) -> None:
         self.pop(key, None)
@@ -51,21 +56,22 @@ class DeadlineTimers(dict[K, float]):
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._at = math.inf
+        self.next_fire = math.inf
 
-    def _arm(self, deadline: float) -> None:
+    def arm(self, deadline: float) -> None:
+        """(Re)arm the timer for ``deadline`` (earlier than :attr:`next_fire`)."""
         if self._handle is not None:
             self._handle.cancel()
-        self._at = deadline
+        self.next_fire = deadline
         self._handle = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._run)
 
     def _run(self) -> None:
         self._handle = None
-        self._at = math.inf
+        self.next_fire = math.inf
         now = time.monotonic()
         expired = [key for key, deadline in self.items() if deadline <= now]
         for key in expired:
             if self.pop(key, None) is not None:
                 self._fire(key)
         if self:
-            self._arm(min(self.values()))
+            self.arm(min(self.values()))
