@@ -290,28 +290,28 @@ def _fused_source(
             "            if replaced is not None:",
             "                raise replaced",
         ]
-    lines += [
-        "        except BaseException as exc:",
-        f"            error = _unwind({pairs(range(n))}, ctx, exc)",
-        "            if error is exc:",
-        "                raise",
-        "            replaced = error",
-        "        if replaced is not None:",
-        "            raise replaced",
-    ]
+
+    def unwound(indent: str, stages: Iterable[int]) -> list[str]:
+        """Exit ``stages`` with ``exc``; re-raise it, or raise what replaced it outside
+        the except block."""
+        return [
+            f"{indent}except BaseException as exc:",
+            f"{indent}    error = _unwind({pairs(stages)}, ctx, exc)",
+            f"{indent}    if error is exc:",
+            f"{indent}        raise",
+            f"{indent}    replaced = error",
+            f"{indent}if replaced is not None:",
+            f"{indent}    raise replaced",
+        ]
+
+    lines += unwound(" " * 8, range(n))
     for i in reversed(outer):
         if exits[i]:
             lines += [
                 f"        if t{i} is not None:",
                 "            try:",
                 f"                x{i}(ctx, t{i}, None)",
-                "            except BaseException as exc:",
-                f"                error = _unwind({pairs(range(i))}, ctx, exc)",
-                "                if error is exc:",
-                "                    raise",
-                "                replaced = error",
-                "            if replaced is not None:",
-                "                raise replaced",
+                *unwound(" " * 12, range(i)),
             ]
     lines += ["        return result", "    return stages", ""]
     return "\n".join(lines)
