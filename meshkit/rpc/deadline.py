@@ -48,17 +48,6 @@ def deadline_scope(deadline: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
-def parse_timeout_ms(value: str | None) -> float | None:
-    """Parse a ``meshkit-timeout-ms`` header into seconds; bad values mean 'no budget sent'."""
-    if not value:
-        return None
-    try:
-        ms = int(value)
-    except ValueError:
-        return None
-    return ms / 1000.0
-
-
 class ClientDeadline(HookStage):
     """Client side: fix the call's deadline (``ctx.deadline``).
 
@@ -116,7 +105,7 @@ class ServerDeadline(HookStage):
     def enter(self, ctx: CallContext) -> _ServerToken | None:
         sent = ctx.headers.get(TIMEOUT_KEY)
         if sent:
-            try:  # parse_timeout_ms, inlined: a bad value means "no budget sent"
+            try:  # a bad value means "no budget sent"
                 budget: float | None = int(sent) / 1000.0
             except ValueError:
                 budget = self.default_timeout
