@@ -101,6 +101,37 @@ async def test_spent_budget_is_not_sent() -> None:
     await client.close()
 
 
+async def test_a_budget_spent_before_an_attempt_leaves_is_not_sent(
+    echo_service: Service,
+) -> None:
+    # The transport writes the budget left as each attempt leaves; none left: not sent.
+    impl: EchoImpl = echo_service.implementation
+    from meshkit.rpc.balancer import RoundRobin
+    from meshkit.rpc.client import RpcClient
+    from meshkit.rpc.pick import Pick
+
+    class SpentDeadline:
+        name = "spent"
+
+        async def __call__(self, ctx: Any, call_next: Any) -> Any:
+            ctx.deadline = time.monotonic() - 0.01
+            return await call_next(ctx)
+
+    resolver = StaticResolver([f"127.0.0.1:{echo_service.port}"])
+    client = RpcClient(
+        echo_thrift.Echo,
+        "echo",
+        resolver=resolver,
+        middlewares=[SpentDeadline(), Pick(resolver, RoundRobin())],
+        metrics_registry=CollectorRegistry(),
+    )
+    started = impl.started
+    with pytest.raises(DeadlineExceeded, match="not sent"):
+        await client.slow(1)
+    assert impl.started == started  # the server never saw it
+    await client.close()
+
+
 async def test_nested_calls_inherit_the_remaining_budget(
     metrics_registry: CollectorRegistry,
 ) -> None:
