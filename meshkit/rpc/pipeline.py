@@ -58,7 +58,7 @@ class HookStage:
         # Used on its own (outside a Pipeline): the same semantics as the fused form.
         token = self.enter(ctx)
         try:
-            result = await call_next(ctx)
+            result = await self._run_rest(ctx, token, call_next)
         except BaseException as exc:
             if token is not None:
                 self.exit(ctx, token, exc)
@@ -66,6 +66,9 @@ class HookStage:
         if token is not None:
             self.exit(ctx, token, None)
         return result
+
+    async def _run_rest(self, ctx: CallContext, token: Any, call_next: Next) -> Any:
+        return await call_next(ctx)
 
 
 class LoopStage(HookStage):
@@ -85,26 +88,16 @@ class LoopStage(HookStage):
         """Seconds to wait before running the rest of the chain again, or ``None``."""
         return None
 
-    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
-        token = self.enter(ctx)
-        try:
-            while True:
-                try:
-                    result = await call_next(ctx)
-                    break
-                except Exception as exc:
-                    delay = self.again(ctx, token, exc) if token is not None else None
-                    if delay is None:
-                        raise
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-        except BaseException as exc:
-            if token is not None:
-                self.exit(ctx, token, exc)
-            raise
-        if token is not None:
-            self.exit(ctx, token, None)
-        return result
+    async def _run_rest(self, ctx: CallContext, token: Any, call_next: Next) -> Any:
+        while True:
+            try:
+                return await call_next(ctx)
+            except Exception as exc:
+                delay = self.again(ctx, token, exc) if token is not None else None
+                if delay is None:
+                    raise
+                if delay > 0:
+                    await asyncio.sleep(delay)
 
 
 def middleware_name(mw: object) -> str:
