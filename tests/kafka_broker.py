@@ -51,6 +51,23 @@ def _kill_leftovers() -> None:
             broker.close()
 
 
+def make_worker(
+    broker: KafkaBroker, group: str, subs: list[Any], registry: Any, **options: Any
+) -> Any:
+    """A meshkit Worker on ``broker`` with the tests' client settings and a 0.2 s commit."""
+    from meshkit.mq import Worker
+
+    return Worker(
+        group,
+        subs,
+        url=broker.url,
+        config=CLIENT_SETTINGS,
+        commit_interval=0.2,
+        metrics_registry=registry,
+        **options,
+    )
+
+
 def fresh(prefix: str) -> str:
     """A name no other test uses (group ids, topics)."""
     return f"{prefix}-{secrets.token_hex(4)}"

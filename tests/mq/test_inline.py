@@ -9,26 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from kafka_broker import CLIENT_SETTINGS, KafkaBroker, fresh
+from kafka_broker import KafkaBroker, fresh, make_worker
 from prometheus_client import CollectorRegistry
 from waiting import wait_until
 
-from meshkit.mq import DeadLetter, RetryPolicy, Subscription, Worker
+from meshkit.mq import DeadLetter, RetryPolicy, Subscription
 from meshkit.mq import headers as H
-
-
-def _worker(
-    broker: KafkaBroker, group: str, subs: list[Subscription], reg: CollectorRegistry, **kw: object
-) -> Worker:
-    return Worker(
-        group,
-        subs,
-        url=broker.url,
-        config=CLIENT_SETTINGS,
-        commit_interval=0.2,
-        metrics_registry=reg,
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def _ends(broker: KafkaBroker, topic: str) -> dict[int, int]:
@@ -67,7 +53,9 @@ async def test_sometimes_suspending_handler_keeps_key_order_and_commits_all(
         seen[k].append(i)
 
     reg = CollectorRegistry()
-    worker = _worker(broker, group, [Subscription(topic, handle, model=bytes)], reg, concurrency=4)
+    worker = make_worker(
+        broker, group, [Subscription(topic, handle, model=bytes)], reg, concurrency=4
+    )
     await worker.start()
     try:
         others = total - per_key + 1  # every other key, and k0's first message
@@ -121,7 +109,7 @@ async def test_failures_before_the_first_await_take_the_retry_and_dlq_route(
     reg = CollectorRegistry()
     policy = RetryPolicy(attempts=2, backoff=0.01, topic_delays=(0.2,))
     sub = Subscription(topic, handle, model=dict, retry=policy)
-    worker = _worker(broker, group, [sub], reg)
+    worker = make_worker(broker, group, [sub], reg)
     await worker.start()
     try:
         dlq = f"{topic}.dlq"
@@ -171,7 +159,7 @@ async def test_messages_with_headers_in_an_inline_batch_keep_their_place(
         seen.append(int(value))
 
     reg = CollectorRegistry()
-    worker = _worker(broker, group, [Subscription(topic, handle, model=bytes)], reg)
+    worker = make_worker(broker, group, [Subscription(topic, handle, model=bytes)], reg)
     await worker.start()
     try:
         await wait_until(lambda: len(seen) >= 30, "all handled", limit=30)

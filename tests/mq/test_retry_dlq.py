@@ -8,11 +8,11 @@ import time
 from collections import defaultdict
 
 import pydantic
-from kafka_broker import CLIENT_SETTINGS, KafkaBroker
+from kafka_broker import KafkaBroker, make_worker
 from prometheus_client import CollectorRegistry
 from waiting import wait_until
 
-from meshkit.mq import DeadLetter, MessageContext, Publisher, RetryPolicy, Subscription, Worker
+from meshkit.mq import DeadLetter, MessageContext, Publisher, RetryPolicy, Subscription
 from meshkit.mq import headers as H
 from meshkit.mq.replay import replay_dlq
 
@@ -20,19 +20,6 @@ from meshkit.mq.replay import replay_dlq
 class Order(pydantic.BaseModel):
     id: str
     amount: int
-
-
-def _worker(
-    broker: KafkaBroker, group: str, subs: list[Subscription], reg: CollectorRegistry
-) -> Worker:
-    return Worker(
-        group,
-        subs,
-        url=broker.url,
-        config=CLIENT_SETTINGS,
-        commit_interval=0.2,
-        metrics_registry=reg,
-    )
 
 
 def _sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
@@ -61,7 +48,9 @@ async def test_failing_message_walks_retry_topics_to_dlq(
     bad = await pub.publish(topic, Order(id="bad", amount=1), key="same")
     for i in range(5):  # same key, after the bad one: they must not wait for its retries
         await pub.publish(topic, Order(id=f"ok{i}", amount=i), key="same")
-    worker = _worker(broker, group, [Subscription(topic, handle, model=Order, retry=policy)], reg)
+    worker = make_worker(
+        broker, group, [Subscription(topic, handle, model=Order, retry=policy)], reg
+    )
     await worker.start()
     try:
         await wait_until(lambda: len(ok) == 5, "the good messages", limit=30)
@@ -142,7 +131,7 @@ async def test_poison_and_rejected_go_straight_to_dlq_then_replay(
     sub = Subscription(
         topic, handle, model=Order, retry=RetryPolicy(backoff=0.01, topic_delays=(5.0,))
     )
-    worker = _worker(broker, group, [sub], reg)
+    worker = make_worker(broker, group, [sub], reg)
     await worker.start()
     try:
         await wait_until(
@@ -218,7 +207,9 @@ async def test_context_free_handler_retries_rejects_and_dead_letters_the_same_wa
         + [(b"poison", b"{not json")],
     )
     policy = RetryPolicy(attempts=2, backoff=0.01, topic_delays=(0.2,))
-    worker = _worker(broker, group, [Subscription(topic, handle, model=Order, retry=policy)], reg)
+    worker = make_worker(
+        broker, group, [Subscription(topic, handle, model=Order, retry=policy)], reg
+    )
     labels = {"group": group, "topic": topic}
     await worker.start()
     try:
