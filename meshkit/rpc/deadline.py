@@ -100,6 +100,7 @@ class ServerDeadline(HookStage):
         # One timer for all calls of this server (see timers.py); created on first use
         # because the event loop is not known before.
         self._timers: DeadlineTimers[asyncio.Task[Any]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, known on first use
         self._expired: set[asyncio.Task[Any]] = set()
 
     def enter(self, ctx: CallContext) -> _ServerToken | None:
@@ -120,13 +121,16 @@ class ServerDeadline(HookStage):
             )
         deadline = _monotonic() + budget
         ctx.deadline = deadline
-        # The task running this stage: a middleware before it may have moved the rest
-        # of the chain into a task of its own (wait_for, shield).
-        task = asyncio.current_task()
-        assert task is not None
         timers = self._timers
         if timers is None:
-            timers = self._timers = DeadlineTimers(self._expire, asyncio.get_running_loop())
+            self._loop = asyncio.get_running_loop()
+            timers = self._timers = DeadlineTimers(self._expire, self._loop)
+        # The task running this stage: a middleware before it may have moved the rest
+        # of the chain into a task of its own (wait_for, shield). Given the loop,
+        # current_task() skips get_running_loop(), which costs a getpid() system call
+        # (CPython 3.11-3.13 check the loop belongs to this process): one per call.
+        task = asyncio.current_task(self._loop)
+        assert task is not None
         timers[task] = deadline  # timers.add(), inlined: this runs on every call
         if deadline < timers.next_fire:
             timers.arm(deadline)
