@@ -637,15 +637,24 @@ class Worker:
             """Messages this runner took from the batch so far."""
             return n - remaining() - inline.rest_count
 
-        def settle(in_hand: int) -> None:
-            """Close the current run; ``in_hand``: its last message taken is not done."""
+        def settle(in_hand: int, unfinished: int = 0) -> None:
+            """Close the current run. ``in_hand``: the last message taken is not counted
+            in it (1), either because it starts the next run or an error (a partition
+            boundary: ``unfinished`` 0), or because its handler did not finish (an
+            exception out of the step: ``unfinished`` 1, which keeps the batch open)."""
             nonlocal batch
             assert batch is not None and route is not None
             pos = taken() - in_hand
             processed = pos - run_start - others
             end = cast(int, messages[pos - 1].offset()) + 1 if pos > run_start else batch.end
             self._settle(
-                route, batch, end, processed, processed - slow, prev - run_t0 - gaps, lost + in_hand
+                route,
+                batch,
+                end,
+                processed,
+                processed - slow,
+                prev - run_t0 - gaps,
+                lost + unfinished,
             )
             batch = None
 
@@ -736,8 +745,10 @@ class Worker:
         finally:
             inline.done = True
             if batch is not None:
-                # An exception out of a handler's step (cancelled): its message is not done.
-                settle(0 if finished else 1)
+                if finished:
+                    settle(0)
+                else:  # an exception out of a handler's step (cancelled): not done
+                    settle(1, 1)
             in_flight = self.in_flight - (n - inline.handed_off)
             self.in_flight = in_flight
             if inline.demoted:

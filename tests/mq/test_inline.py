@@ -172,3 +172,36 @@ async def test_messages_with_headers_in_an_inline_batch_keep_their_place(
     labels = {"group": group, "topic": topic}
     assert reg.get_sample_value("meshkit_mq_processed_total", labels) == 30
     assert reg.get_sample_value("meshkit_mq_handler_seconds_count", labels) == 30
+
+
+async def test_an_inline_batch_spanning_partitions_completes_every_partition(
+    broker: KafkaBroker, topic: str, group: str
+) -> None:
+    """Small fetches (20 messages) over three partitions: most inline batches end one
+    partition's run and start the next. Each run is settled on its own, so every
+    partition's commit reaches its end and stop() reports everything finished."""
+    n = 300
+    broker.produce(topic, [(b"k%d" % (i % 7), b"%d" % i) for i in range(n)])
+    seen: list[int] = []
+
+    async def handle(value: bytes) -> None:
+        seen.append(int(value))
+
+    reg = CollectorRegistry()
+    worker = make_worker(
+        broker, group, [Subscription(topic, handle, model=bytes)], reg, batch_size=20
+    )
+    await worker.start()
+    try:
+        await wait_until(lambda: len(seen) >= n, "all handled", limit=30)
+        ends = await asyncio.to_thread(_ends, broker, topic)
+        assert len(ends) == 3
+        await wait_until(
+            lambda: _committed_to(broker, group, topic, ends), "committed to the end", limit=10
+        )
+    finally:
+        assert await worker.stop()
+    assert sorted(seen) == list(range(n))
+    assert worker.in_flight == 0
+    labels = {"group": group, "topic": topic}
+    assert reg.get_sample_value("meshkit_mq_processed_total", labels) == n
