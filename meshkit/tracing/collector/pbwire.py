@@ -19,14 +19,15 @@ generated classes one message at a time.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable
 from typing import Any
 
+from .jsontext import dumps as _dumps
+from .jsontext import float_text
+
 __all__ = ["Fallback", "KvEntry", "WireSpan", "decode_request"]
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 _unpack_double = struct.Struct("<d").unpack_from
 _unpack_u64 = struct.Struct("<Q").unpack_from
 
@@ -125,8 +126,8 @@ def _kv_entry(raw: bytes, slow_kv: Callable[[bytes], tuple[str, Any]]) -> KvEntr
         if len(_KEY_JSON) >= _CACHE_MAX:
             _KEY_JSON.clear()
         key_json = _KEY_JSON[key] = _dumps(key) + ":"
-    if value.__class__ is float and value - value == 0.0:  # finite: JSON writes its repr
-        entry = (key, value, key_json + repr(value))
+    if value.__class__ is float:  # NaN and infinities as OTLP JSON strings
+        entry = (key, value, key_json + float_text(value))
     else:
         entry = (key, value, key_json + _dumps(value))
     if cacheable:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsontext
 from .store import SpanStore
 
 __all__ = [
@@ -294,7 +295,6 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
     selfs = self_times(rows)
     breakdown: dict[str, list[float]] = {}
     resources: dict[str, int] = {}
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
     heads = []
     events_json = []
     for r in rows:
@@ -307,7 +307,7 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
         entry[1] += 1
         events = r["events"]
         if events != "[]":
-            events = dumps(
+            events = jsontext.dumps(
                 [
                     {"name": e.get("name", ""), "attrs": e.get("attrs", {}),
                      "at_us": (int(e.get("time_ns") or t0) - t0) / 1000}
@@ -352,7 +352,7 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
         "linked_from": linked_from,
         "spans": heads,
     }
-    head = dumps(summary)
+    head = jsontext.dumps(summary)
     return (
         f"{head[:-1]},"
         f'"resources":[{",".join(resources)}],'

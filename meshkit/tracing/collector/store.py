@@ -11,7 +11,6 @@ oldest tenth goes, until it fits.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import sqlite3
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .jsontext import dumps
 from .otlp import SpanRow
 
 __all__ = ["SpanStore", "StoreFull"]
@@ -76,7 +76,7 @@ def _insert_rows(rows: int) -> str:
 
 
 _INSERT_LINK = "INSERT INTO links VALUES (?,?,?,?,?)"
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_dumps = dumps  # strict JSON: SQLite's json functions must be able to read every row
 
 
 class StoreFull(Exception):

@@ -1,0 +1,147 @@
+"""The collector under hostile or unusual input: every answer is a clear 200/400, never a
+500, and one bad span never costs the spans of anyone else."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from tracing_support import flushed, otlp_json_request, otlp_json_span
+
+from meshkit.tracing.collector import Collector, otlp, pbwire
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+SPAN = "00f067aa0ba902b7"
+PB = "application/x-protobuf"
+JS = "application/json"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n])
+
+
+def strict_json(text: str) -> Any:
+    """Parse as a browser's ``JSON.parse`` would (no NaN/Infinity tokens)."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def post(collector: Collector, body: bytes, ctype: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            collector.url + "/v1/traces", data=body, headers={"Content-Type": ctype}
+        ) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def get(collector: Collector, path: str) -> tuple[int, Any]:
+    """GET an API path; the body must be strict JSON whatever the status."""
+    async with aiohttp.ClientSession() as session, session.get(collector.url + path) as resp:
+        text = await resp.text()
+        assert resp.content_type == "application/json", (path, resp.status, text[:200])
+        return resp.status, strict_json(text)
+
+
+def pb_request(
+    trace: str = TRACE,
+    span: str = SPAN,
+    *,
+    attrs: dict[str, Any] | None = None,
+    start: int | None = None,
+    end: int | None = None,
+) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    kv = rs.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "svc"
+    sp = rs.scope_spans.add().spans.add()
+    sp.trace_id, sp.span_id, sp.name = bytes.fromhex(trace), bytes.fromhex(span), "op"
+    now = time.time_ns()
+    sp.start_time_unix_nano = now - 10**6 if start is None else start
+    sp.end_time_unix_nano = now if end is None else end
+    for key, value in (attrs or {}).items():
+        a = sp.attributes.add()
+        a.key = key
+        if isinstance(value, float):
+            a.value.double_value = value
+        else:
+            a.value.string_value = str(value)
+    return req
+
+
+# -- 1. NaN and infinities -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["wire", "generated", "json"])
+async def test_non_finite_doubles_are_stored_as_json_strings(
+    collector: Collector, path: str
+) -> None:
+    doubles = {"ratio": float("nan"), "budget_ms": float("inf"), "floor": float("-inf")}
+    if path == "json":
+        span = otlp_json_span(TRACE, SPAN, "", "op", time.time_ns() - 10**6, 10**6)
+        # OTLP JSON writes them as strings; Python writes the bare tokens: take both
+        span["attributes"] = [
+            {"key": "ratio", "value": {"doubleValue": "NaN"}},
+            {"key": "budget_ms", "value": {"doubleValue": float("inf")}},
+            {"key": "floor", "value": {"doubleValue": "-Infinity"}},
+        ]
+        span["events"] = [
+            {
+                "timeUnixNano": str(time.time_ns()),
+                "name": "e",
+                "attributes": [{"key": "x", "value": {"doubleValue": "NaN"}}],
+            }
+        ]
+        request = otlp_json_request("svc", [span])
+        request["resourceSpans"][0]["resource"]["attributes"].append(
+            {"key": "load", "value": {"arrayValue": {"values": [{"doubleValue": "Infinity"}]}}}
+        )
+        status, _ = await post(collector, json.dumps(request).encode(), JS)
+    else:
+        req = pb_request(attrs=doubles)
+        ev = req.resource_spans[0].scope_spans[0].spans[0].events.add()
+        ev.name = "e"
+        x = ev.attributes.add()
+        x.key, x.value.double_value = "x", float("nan")
+        load = Resource()
+        load.attributes.add(key="load").value.array_value.values.add().double_value = math.inf
+        if path == "wire":
+            req.resource_spans[0].resource.MergeFrom(load)
+            body = req.SerializeToString()
+        else:  # the Resource twice (protobuf merges them): the fast path leaves it
+            rs = req.resource_spans[0].SerializeToString()
+            rs += b"\x0a" + _varint(load.ByteSize()) + load.SerializeToString()
+            body = b"\x0a" + _varint(len(rs)) + rs
+            with pytest.raises(pbwire.Fallback):
+                otlp._decode_wire(body)
+        status, _ = await post(collector, body, PB)
+    assert status == 200
+    await flushed(collector)
+    rows = collector.store.query("SELECT attrs, events, resource FROM spans")
+    for text in rows[0]:
+        strict_json(text)  # every stored text is JSON SQLite can read
+    status, trace = await get(collector, f"/api/traces/{TRACE}")
+    assert status == 200
+    assert trace["attrs"][0] == {"ratio": "NaN", "budget_ms": "Infinity", "floor": "-Infinity"}
+    assert trace["events"][0][0]["attrs"] == {"x": "NaN"}
+    status, found = await get(collector, "/api/traces?tags=ratio=NaN")
+    assert status == 200
+    assert [t["trace_id"] for t in found["traces"]] == [TRACE]
+    status, found = await get(collector, "/api/traces?tags=budget_ms=1")
+    assert (status, found["traces"]) == (200, [])
+    assert trace["resources"][0]["load"] == ["Infinity"]
