@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from tracing_support import flushed, otlp_json_request, otlp_json_span
 
-from meshkit.tracing.collector import Collector, otlp, pbwire
+from meshkit.tracing.collector import Collector, SpanStore, otlp, pbwire
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "00f067aa0ba902b7"
@@ -145,3 +146,76 @@ async def test_non_finite_doubles_are_stored_as_json_strings(
     status, found = await get(collector, "/api/traces?tags=budget_ms=1")
     assert (status, found["traces"]) == (200, [])
     assert trace["resources"][0]["load"] == ["Infinity"]
+
+
+# -- 2. spans SQLite cannot store ------------------------------------------------------
+
+
+def _json_span(span: str, **extra: Any) -> dict[str, Any]:
+    body = otlp_json_span(TRACE, span, "", "op", time.time_ns() - 1000, 1000)
+    body.update(extra)
+    return body
+
+
+@pytest.mark.parametrize("path", ["wire", "generated", "json"])
+def test_times_past_2_63_are_rejected_as_partial_success(path: str) -> None:
+    good, bad = SPAN, "00f067aa0ba902b8"
+    if path == "json":
+        decoded = otlp.decode_json(
+            json.dumps(
+                otlp_json_request(
+                    "svc",
+                    [
+                        _json_span(good),
+                        _json_span(bad, startTimeUnixNano=str(2**63), endTimeUnixNano=str(2**63)),
+                        _json_span("00f067aa0ba902b9", startTimeUnixNano="-5"),
+                    ],
+                )
+            ).encode()
+        )
+        assert decoded.rejected == 2
+    else:
+        req = pb_request(span=good)
+        req.MergeFrom(pb_request(span=bad, start=2**64 - 10, end=2**64 - 1))
+        body = req.SerializeToString()
+        decoded = otlp._decode_wire(body) if path == "wire" else otlp._decode_generated(body)
+        assert decoded.rejected == 1
+    assert [s.span_id for s in decoded.spans] == [good]
+    assert "resourceSpans[1]" in decoded.first_error or "spans[1]" in decoded.first_error
+    assert "between 0 and 9223372036854775807" in decoded.first_error
+
+
+async def test_a_lone_surrogate_in_json_text_is_a_400_naming_where(collector: Collector) -> None:
+    good = json.dumps(otlp_json_request("svc", [_json_span(SPAN)])).encode()
+    bad = good.replace(b'"op"', b'"a\\udc00b"')
+    status, text = await post(collector, bad, JS)
+    assert status == 400
+    assert "$.resourceSpans[0].scopeSpans[0].spans[0].name" in strict_json(text)["error"]
+    # a pair is text like any other
+    emoji = good.replace(b'"op"', b'"\\ud83d\\ude00"')
+    status, _ = await post(collector, emoji, JS)
+    assert status == 200
+    await flushed(collector)
+    assert collector.store.query("SELECT name FROM spans")[0][0] == "\U0001f600"
+
+
+def test_the_writer_loses_only_the_span_sqlite_refuses(tmp_path: Any) -> None:
+    spans = [
+        otlp_json_span(TRACE, "%016x" % (i + 1), "", f"op{i}", time.time_ns(), 1000)
+        for i in range(300)
+    ]
+    rows = otlp.decode_json(json.dumps(otlp_json_request("svc", spans)).encode()).spans
+    # what the decoders no longer let through, made by hand: a start past SQLite's INTEGER
+    # and a name UTF-8 cannot encode, in the middle of one batch of acknowledged spans
+    rows[100] = dataclasses.replace(rows[100], start_ns=2**63)
+    rows[200] = dataclasses.replace(rows[200], name="\ud800")
+    store = SpanStore(tmp_path / "t.db", retention_every=3600)
+    try:
+        store.add(rows)  # one queue item: one writer batch
+        assert store.flush(10.0)
+        stored = {r[0] for r in store.query("SELECT span_id FROM spans")}
+        assert stored == {r.span_id for r in rows} - {rows[100].span_id, rows[200].span_id}
+        assert store.spans_dropped == 2
+        assert store.spans_written == 298
+    finally:
+        store.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,19 @@ def _check_ids(trace_id: str, span_id: str, parent_id: str) -> str | None:
     return None
 
 
+_MAX_NS = (1 << 63) - 1  # SQLite's INTEGER is signed 64-bit
+
+
+def _time_problem(start: int, end: int) -> str:
+    """Why a span's times cannot be stored (only called when they cannot)."""
+    if end < start:
+        return "endTimeUnixNano is before startTimeUnixNano"
+    return (
+        f"expected startTimeUnixNano and endTimeUnixNano between 0 and {_MAX_NS} "
+        f"(year 2262), found {start} and {end}"
+    )
+
+
 # -- protobuf -------------------------------------------------------------------------
 
 
@@ -235,8 +249,8 @@ def _decode_wire(body: bytes) -> Decoded:
                     problem = None
                 else:
                     problem = _check_ids(trace_id, span_id, parent_id)
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63):
+                    problem = _time_problem(start, end)
                 if problem is not None:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
@@ -301,8 +315,8 @@ def _decode_generated(body: bytes) -> Decoded:
                     parent_id = raw_parent.hex()
                     problem = _check_ids(trace_id, span_id, parent_id)
                 start, end = span.start_time_unix_nano, span.end_time_unix_nano
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63):
+                    problem = _time_problem(start, end)
                 if problem is not None:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
@@ -399,12 +413,48 @@ def _js_list(obj: Any, key: str) -> Iterator[tuple[int, Any]]:
     return enumerate(items) if isinstance(items, list) else iter(())
 
 
+# a \uD800-\uDFFF escape: JSON lets it stand alone, but UTF-8 (and SQLite) cannot carry it
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The JSON path of the first string (or key) holding a lone surrogate, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, f"{where} (a key)") or _lone_surrogate(
+                item, f"{where}.{key}"
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def decode_json(body: bytes) -> Decoded:
     """Decode an ``ExportTraceServiceRequest`` in OTLP's JSON encoding."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise OtlpError(f"expected a JSON ExportTraceServiceRequest in UTF-8: {exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
         raise OtlpError(f"expected a JSON ExportTraceServiceRequest: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is every string looked at
+        where = _lone_surrogate(doc, "$")
+        if where is not None:
+            raise OtlpError(
+                f"expected text without lone UTF-16 surrogates (\\ud800-\\udfff) at {where}"
+            )
     if not isinstance(doc, dict) or not isinstance(doc.get("resourceSpans", []), list):
         raise OtlpError('expected a JSON object with a "resourceSpans" list')
     out = Decoded()
@@ -426,8 +476,8 @@ def decode_json(body: bytes) -> Decoded:
                 except (TypeError, ValueError):
                     problem = problem or "expected integer startTimeUnixNano/endTimeUnixNano"
                     start = end = 0
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63 or start < 0):
+                    problem = _time_problem(start, end)
                 if problem is not None:
                     out.reject(where, problem)
                     continue

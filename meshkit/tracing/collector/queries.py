@@ -489,6 +489,7 @@ def stats(store: SpanStore) -> dict[str, Any]:
         "spans": conn.execute("SELECT count(*) FROM spans").fetchone()[0],
         "spans_written": store.spans_written,
         "spans_deleted": store.spans_deleted,
+        "spans_dropped": store.spans_dropped,
         "requests_refused": store.requests_refused,
         "live_bytes": store.live_bytes(conn),
         "max_bytes": store.max_bytes,
