@@ -219,3 +219,90 @@ def test_the_writer_loses_only_the_span_sqlite_refuses(tmp_path: Any) -> None:
         assert store.spans_written == 298
     finally:
         store.close()
+
+
+# -- 3. malformed OTLP JSON ------------------------------------------------------------
+
+
+def _with(**extra: Any) -> dict[str, Any]:
+    return otlp_json_request("svc", [_json_span(SPAN, **extra)])
+
+
+SPAN0 = "$.resourceSpans[0].scopeSpans[0].spans[0]"
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"resourceSpans": [1]}, "$.resourceSpans[0]"),
+        ({"resourceSpans": [{"resource": [1], "scopeSpans": []}]}, "$.resourceSpans[0].resource"),
+        ({"resourceSpans": [{"scopeSpans": {"spans": []}}]}, "$.resourceSpans[0].scopeSpans"),
+        ({"resourceSpans": [{"scopeSpans": ["x"]}]}, "$.resourceSpans[0].scopeSpans[0]"),
+        (_with(status="ERROR"), f"{SPAN0}.status"),
+        (_with(events=[{"timeUnixNano": "soon"}]), f"{SPAN0}.events[0].timeUnixNano"),
+        (_with(events=[{"timeUnixNano": str(2**64)}]), f"{SPAN0}.events[0].timeUnixNano"),
+        (_with(events=["e"]), f"{SPAN0}.events[0]"),
+        (_with(links=[{"attributes": {}}]), f"{SPAN0}.links[0].attributes"),
+        (
+            _with(attributes=[{"key": "n", "value": {"intValue": "x"}}]),
+            f"{SPAN0}.attributes[0].value.intValue",
+        ),
+        (
+            _with(attributes=[{"key": "n", "value": {"intValue": str(2**63)}}]),
+            f"{SPAN0}.attributes[0].value.intValue",
+        ),
+        (
+            _with(attributes=[{"key": "n", "value": {"doubleValue": "fast"}}]),
+            f"{SPAN0}.attributes[0].value.doubleValue",
+        ),
+        (
+            _with(attributes=[{"key": "n", "value": {"arrayValue": [1]}}]),
+            f"{SPAN0}.attributes[0].value.arrayValue",
+        ),
+        (
+            _with(attributes=[{"key": "n", "value": {"kvlistValue": {"values": [2]}}}]),
+            f"{SPAN0}.attributes[0].value.kvlistValue.values[0]",
+        ),
+        (_with(attributes=[{"key": 5, "value": {}}]), f"{SPAN0}.attributes[0].key"),
+        (_with(attributes={"n": 1}), f"{SPAN0}.attributes"),
+    ],
+)
+async def test_malformed_json_is_a_400_naming_the_element(
+    collector: Collector, body: dict[str, Any], where: str
+) -> None:
+    status, text = await post(collector, json.dumps(body).encode(), JS)
+    assert status == 400, text
+    error = strict_json(text)["error"]
+    assert f" at {where}, found" in error, error
+
+
+async def test_well_formed_json_values_of_every_kind_are_kept(collector: Collector) -> None:
+    attributes = [
+        {"key": "s", "value": {"stringValue": "x"}},
+        {"key": "b", "value": {"boolValue": False}},
+        {"key": "i", "value": {"intValue": "-9223372036854775808"}},
+        {"key": "j", "value": {"intValue": 7}},
+        {"key": "d", "value": {"doubleValue": 1.5}},
+        {"key": "e", "value": {"doubleValue": "2"}},
+        {"key": "a", "value": {"arrayValue": {"values": [{"intValue": "1"}, {}]}}},
+        {"key": "k", "value": {"kvlistValue": {"values": [{"key": "z", "value": None}]}}},
+        {"key": "empty", "value": {"arrayValue": {}}},
+        {"key": "none"},
+    ]
+    body = _with(attributes=attributes, status=None, events=None, links=[])
+    status, _ = await post(collector, json.dumps(body).encode(), JS)
+    assert status == 200
+    await flushed(collector)
+    stored = json.loads(collector.store.query("SELECT attrs FROM spans")[0][0])
+    assert stored == {
+        "s": "x",
+        "b": False,
+        "i": -(2**63),
+        "j": 7,
+        "d": 1.5,
+        "e": 2.0,
+        "a": [1, None],
+        "k": {"z": None},
+        "empty": [],
+        "none": None,
+    }

@@ -371,29 +371,95 @@ def _decode_generated(body: bytes) -> Decoded:
 # -- JSON -----------------------------------------------------------------------------
 
 
-def _js_value(value: Any) -> Any:
-    if not isinstance(value, dict) or not value:
+_INT64 = range(-(1 << 63), 1 << 63)
+_UINT63 = range(1 << 63)  # times: OTLP's fixed64, as far as SQLite's INTEGER goes
+
+
+def _bad(where: str, expected: str, found: Any) -> OtlpError:
+    text = json.dumps(found)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return OtlpError(f"expected {expected} at {where}, found {text}")
+
+
+def _js_obj(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object (``null`` or absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(where, "an object", value)
+    return value
+
+
+def _js_list(obj: dict[str, Any], key: str, where: str) -> Iterator[tuple[Any, str]]:
+    """(item, JSON path of the item) of the list ``obj[key]`` (``null``: none)."""
+    items = obj.get(key)
+    if items is None:
+        return iter(())
+    if not isinstance(items, list):
+        raise _bad(f"{where}.{key}", "a list", items)
+    return ((item, f"{where}.{key}[{i}]") for i, item in enumerate(items))
+
+
+def _js_int(value: Any, where: str, allowed: range = _INT64) -> int:
+    """A 64-bit integer, as OTLP JSON writes them: a number or a decimal string."""
+    if value.__class__ is int or value.__class__ is str:
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+        else:
+            if number in allowed:
+                return number
+    elif value.__class__ is float and value.is_integer() and int(value) in allowed:
+        return int(value)
+    raise _bad(where, "an integer", value)
+
+
+def _js_value(value: Any, where: str) -> Any:
+    value = _js_obj(value, where)
+    if not value:
         return None
     key, inner = next(iter(value.items()))
+    where = f"{where}.{key}"
+    if key == "stringValue" or key == "bytesValue":
+        if not isinstance(inner, str):
+            raise _bad(where, "a string", inner)
+        return inner
+    if key == "boolValue":
+        if not isinstance(inner, bool):
+            raise _bad(where, "true or false", inner)
+        return inner
     if key == "intValue":
-        return int(inner)
+        return _js_int(inner, where)
     if key == "doubleValue":
-        return float(inner)
+        if inner.__class__ in (str, int, float):
+            try:
+                return float(inner)
+            except ValueError:
+                pass
+        raise _bad(where, 'a number (or "NaN", "Infinity", "-Infinity")', inner)
     if key == "arrayValue":
-        return [_js_value(v) for v in (inner or {}).get("values", [])]
+        return [_js_value(v, w) for v, w in _js_list(_js_obj(inner, where), "values", where)]
     if key == "kvlistValue":
-        return _js_attrs((inner or {}).get("values", []))
-    return inner
+        inner = _js_obj(inner, where)
+        return _js_attrs(inner.get("values"), f"{where}.values")
+    raise _bad(where, "a value: stringValue, boolValue, intValue, doubleValue, …", key)
 
 
-def _js_attrs(attributes: Any) -> dict[str, Any]:
-    if not isinstance(attributes, list):
+def _js_attrs(attributes: Any, where: str) -> dict[str, Any]:
+    if attributes is None:
         return {}
-    return {
-        str(kv.get("key", "")): _js_value(kv.get("value"))
-        for kv in attributes
-        if isinstance(kv, dict)
-    }
+    if not isinstance(attributes, list):
+        raise _bad(where, "a list of attributes", attributes)
+    out: dict[str, Any] = {}
+    for i, kv in enumerate(attributes):
+        kv = _js_obj(kv, f"{where}[{i}]")
+        key = kv.get("key", "")
+        if not isinstance(key, str):
+            raise _bad(f"{where}[{i}].key", "a string", key)
+        out[key] = _js_value(kv.get("value"), f"{where}[{i}].value")
+    return out
 
 
 def _js_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
@@ -406,11 +472,6 @@ def _js_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
         if value.isdigit():
             return int(value)
     return 0
-
-
-def _js_list(obj: Any, key: str) -> Iterator[tuple[int, Any]]:
-    items = obj.get(key) if isinstance(obj, dict) else None
-    return enumerate(items) if isinstance(items, list) else iter(())
 
 
 # a \uD800-\uDFFF escape: JSON lets it stand alone, but UTF-8 (and SQLite) cannot carry it
@@ -458,11 +519,15 @@ def decode_json(body: bytes) -> Decoded:
     if not isinstance(doc, dict) or not isinstance(doc.get("resourceSpans", []), list):
         raise OtlpError('expected a JSON object with a "resourceSpans" list')
     out = Decoded()
-    for r, resource_spans in _js_list(doc, "resourceSpans"):
-        resource = _js_attrs((resource_spans.get("resource") or {}).get("attributes"))
-        for s, scope_spans in _js_list(resource_spans, "scopeSpans"):
-            for i, span in _js_list(scope_spans, "spans"):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
+    for resource_spans, rwhere in _js_list(doc, "resourceSpans", "$"):
+        resource_spans = _js_obj(resource_spans, rwhere)
+        resource = _js_attrs(
+            _js_obj(resource_spans.get("resource"), f"{rwhere}.resource").get("attributes"),
+            f"{rwhere}.resource.attributes",
+        )
+        for scope_spans, swhere in _js_list(resource_spans, "scopeSpans", rwhere):
+            scope_spans = _js_obj(scope_spans, swhere)
+            for span, where in _js_list(scope_spans, "spans", swhere):
                 if not isinstance(span, dict):
                     out.reject(where, "expected a span object")
                     continue
@@ -481,37 +546,42 @@ def decode_json(body: bytes) -> Decoded:
                 if problem is not None:
                     out.reject(where, problem)
                     continue
-                status = span.get("status") or {}
-                events = [
-                    {
-                        "time_ns": int(e.get("timeUnixNano", 0)),
-                        "name": str(e.get("name", "")),
-                        "attrs": _js_attrs(e.get("attributes")),
-                    }
-                    for _, e in _js_list(span, "events")
-                    if isinstance(e, dict)
-                ]
-                links = [
-                    {
-                        "trace_id": str(link.get("traceId", "")).lower(),
-                        "span_id": str(link.get("spanId", "")).lower(),
-                        "attrs": _js_attrs(link.get("attributes")),
-                    }
-                    for _, link in _js_list(span, "links")
-                    if isinstance(link, dict)
-                ]
+                status = _js_obj(span.get("status"), f"{where}.status")
+                events = []
+                for e, ewhere in _js_list(span, "events", where):
+                    e = _js_obj(e, ewhere)
+                    events.append(
+                        {
+                            "time_ns": _js_int(
+                                e.get("timeUnixNano", 0), f"{ewhere}.timeUnixNano", _UINT63
+                            ),
+                            "name": str(e.get("name", "")),
+                            "attrs": _js_attrs(e.get("attributes"), f"{ewhere}.attributes"),
+                        }
+                    )
+                links = []
+                for link, lwhere in _js_list(span, "links", where):
+                    link = _js_obj(link, lwhere)
+                    links.append(
+                        {
+                            "trace_id": str(link.get("traceId", "")).lower(),
+                            "span_id": str(link.get("spanId", "")).lower(),
+                            "attrs": _js_attrs(link.get("attributes"), f"{lwhere}.attributes"),
+                        }
+                    )
+                kind = _js_enum(span.get("kind"), KINDS, "SPAN_KIND_")
                 out.spans.append(
                     _row(
                         trace_id,
                         span_id,
                         parent_id,
                         str(span.get("name", "")),
-                        KINDS[_js_enum(span.get("kind"), KINDS, "SPAN_KIND_") % len(KINDS)],
+                        KINDS[kind % len(KINDS)],
                         start,
                         end,
                         _js_enum(status.get("code"), ("UNSET", "OK", "ERROR"), "STATUS_CODE_"),
                         str(status.get("message", "")),
-                        _js_attrs(span.get("attributes")),
+                        _js_attrs(span.get("attributes"), f"{where}.attributes"),
                         events,
                         links,
                         resource,
