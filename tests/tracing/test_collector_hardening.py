@@ -306,3 +306,22 @@ async def test_well_formed_json_values_of_every_kind_are_kept(collector: Collect
         "empty": [],
         "none": None,
     }
+
+
+# -- 6. span kinds ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "stored"),
+    [(7, "UNSPECIFIED"), (6, "UNSPECIFIED"), (-1, "UNSPECIFIED"), (3, "CLIENT"),
+     ("SPAN_KIND_PRODUCER", "PRODUCER"), ("5", "CONSUMER")],
+)  # fmt: skip
+def test_json_and_protobuf_agree_on_span_kinds(kind: Any, stored: str) -> None:
+    decoded = otlp.decode_json(json.dumps(_with(kind=kind)).encode())
+    assert [s.kind for s in decoded.spans] == [stored]
+    if isinstance(kind, int):
+        req = pb_request()
+        req.resource_spans[0].scope_spans[0].spans[0].kind = kind  # type: ignore[assignment]
+        body = req.SerializeToString()
+        assert [s.kind for s in otlp._decode_wire(body).spans] == [stored]
+        assert [s.kind for s in otlp._decode_generated(body).spans] == [stored]

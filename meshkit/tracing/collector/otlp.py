@@ -576,7 +576,7 @@ def decode_json(body: bytes) -> Decoded:
                         span_id,
                         parent_id,
                         str(span.get("name", "")),
-                        KINDS[kind % len(KINDS)],
+                        KINDS[kind] if 0 <= kind < _NKINDS else "UNSPECIFIED",
                         start,
                         end,
                         _js_enum(status.get("code"), ("UNSET", "OK", "ERROR"), "STATUS_CODE_"),
