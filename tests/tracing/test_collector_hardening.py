@@ -16,6 +16,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from tracing_support import flushed, otlp_json_request, otlp_json_span
 
 from meshkit.tracing.collector import Collector, SpanStore, otlp, pbwire
+from meshkit.tracing.collector.queries import critical_path
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "00f067aa0ba902b7"
@@ -325,3 +326,60 @@ def test_json_and_protobuf_agree_on_span_kinds(kind: Any, stored: str) -> None:
         body = req.SerializeToString()
         assert [s.kind for s in otlp._decode_wire(body).spans] == [stored]
         assert [s.kind for s in otlp._decode_generated(body).spans] == [stored]
+
+
+# -- 4. viewer API input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/traces?min_ms=1e20",
+        "/api/traces?max_ms=9.3e12",
+        "/api/traces?start_ms=1e300",
+        "/api/traces?end_ms=1e16",
+        "/api/traces?lookback=1e300",
+        "/api/traces?limit=1e300",
+        "/api/dependencies?end_ms=1e300",
+        "/api/dependencies?window_s=1e30",
+    ],
+)
+async def test_out_of_range_numbers_are_a_400(collector: Collector, path: str) -> None:
+    status, body = await get(collector, path)
+    assert status == 400, body
+    name = path.split("?")[1].split("=")[0]
+    assert name in body["error"]
+
+
+async def test_numbers_at_the_bounds_are_answered(collector: Collector) -> None:
+    for path in [
+        "/api/traces?min_ms=9e12&start_ms=9e12&end_ms=9e12&max_ms=9e12",
+        "/api/traces?lookback=9e9",
+        "/api/dependencies?end_ms=9e12",
+    ]:
+        status, body = await get(collector, path)
+        assert status == 200, (path, body)
+
+
+async def test_a_trace_whose_parents_form_a_cycle_is_answered(collector: Collector) -> None:
+    now = time.time_ns()
+    a, b, c = "000000000000000a", "000000000000000b", "000000000000000c"
+    spans = [
+        otlp_json_span(TRACE, a, b, "a", now, 3000),
+        otlp_json_span(TRACE, b, a, "b", now + 500, 1000),
+        otlp_json_span(TRACE, c, b, "c", now + 600, 500),
+    ]
+    status, _ = await post(collector, json.dumps(otlp_json_request("svc", spans)).encode(), JS)
+    assert status == 200
+    await flushed(collector)
+    status, trace = await get(collector, f"/api/traces/{TRACE}")
+    assert status == 200, trace
+    assert trace["critical_path"] == [a, b, c]
+    status, diff = await get(collector, f"/api/compare?a={TRACE}&b={TRACE}")
+    assert status == 200, diff
+    # the same spans at the same times: the walk still ends, each span once
+    same = [
+        {"span_id": sid, "parent_id": parent, "start_ns": 0, "duration_ns": 10}
+        for sid, parent in [(a, b), (b, a), (c, b)]
+    ]
+    assert sorted(critical_path(same)) == [a, b, c]
