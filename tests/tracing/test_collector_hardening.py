@@ -383,3 +383,64 @@ async def test_a_trace_whose_parents_form_a_cycle_is_answered(collector: Collect
         for sid, parent in [(a, b), (b, a), (c, b)]
     ]
     assert sorted(critical_path(same)) == [a, b, c]
+
+
+# -- 5. protobuf bodies the generated classes refuse -------------------------------------
+
+
+def _span_bytes(extra: bytes = b"", *, ids: bool = True) -> bytes:
+    req = pb_request(start=10, end=20)
+    span = req.resource_spans[0].scope_spans[0].spans[0]
+    if not ids:
+        span.ClearField("trace_id")
+        span.ClearField("span_id")
+    return span.SerializeToString() + extra
+
+
+def _ld(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def _request(*spans: bytes) -> bytes:
+    return _ld(0x0A, _ld(0x12, b"".join(_ld(0x12, s) for s in spans)))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Status {code: <a varint cut by the end of the Status>}, then the span's kind
+        _request(_span_bytes(b"\x7a\x01\x18\x30\x02")),
+        # Status {<a tag varint cut by the end of the Status>}
+        _request(_span_bytes(b"\x7a\x01\x80\x30\x02")),
+        # a tag varint of 7 bytes (a field number past 2**29 - 1) in a span
+        _request(_span_bytes(b"\xd1\x93\xcb\xab\x9f\xd6\x18" + bytes(8))),
+        # ... in a Status and in the request itself
+        _request(_span_bytes(_ld(0x7A, b"\xd0\x93\xcb\xab\x9f\xd6\x18\x00"))),
+        _request(_span_bytes()) + b"\xd0\x93\xcb\xab\x9f\xd6\x18\x00",
+        # invalid UTF-8 in a link / an event of a span rejected for its ids, beside a good one
+        _request(_span_bytes(_ld(0x6A, _ld(0x1A, b"\xff\xfe")), ids=False), _span_bytes()),
+        _request(_span_bytes(_ld(0x5A, _ld(0x12, b"\xff\xfe")), ids=False), _span_bytes()),
+    ],
+    ids=["status-code-cut", "status-tag-cut", "span-tag", "status-tag", "request-tag",
+         "link-utf8", "event-utf8"],
+)  # fmt: skip
+async def test_protobuf_bodies_protobuf_refuses_are_a_400(
+    collector: Collector, body: bytes
+) -> None:
+    with pytest.raises(otlp.OtlpError):
+        otlp._decode_generated(body)  # the reference
+    with pytest.raises(pbwire.Fallback):
+        otlp._decode_wire(body)
+    status, text = await post(collector, body, PB)
+    assert status == 400, text
+    assert "protobuf" in strict_json(text)["error"]
+
+
+def test_bounded_reads_keep_valid_bodies_on_the_fast_path() -> None:
+    # a multi-byte code and a 5-byte tag (field 2**29 - 1) are valid: decoded here
+    for extra in [_ld(0x7A, b"\x18\x82\x00"), b"\xf8\xff\xff\xff\x0f\x01"]:
+        body = _request(_span_bytes(extra))
+        fast, ref = otlp._decode_wire(body), otlp._decode_generated(body)
+        assert [(s.span_id, s.status, s.error) for s in fast.spans] == [
+            (s.span_id, s.status, s.error) for s in ref.spans
+        ]

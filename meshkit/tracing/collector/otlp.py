@@ -252,6 +252,11 @@ def _decode_wire(body: bytes) -> Decoded:
                 if problem is None and (end < start or end >> 63):
                     problem = _time_problem(start, end)
                 if problem is not None:
+                    # protobuf refuses the whole body for a bad event or link, kept or not
+                    for raw in w[11]:
+                        _event(raw)
+                    for raw in w[12]:
+                        _link(raw)
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
                 # what _row does, inline (a call with 14 arguments per span)

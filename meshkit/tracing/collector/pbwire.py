@@ -41,6 +41,10 @@ _CACHE_MAX = 16384
 _KEY_JSON: dict[str, str] = {}  # key -> '"key":'
 
 
+# A tag is a 32-bit varint: field numbers go up to 2**29 - 1 (protobuf calls more corrupt).
+_MAX_TAG = 0xFFFFFFFF
+
+
 class Fallback(Exception):
     """The fast path leaves this body to the generated protobuf classes."""
 
@@ -184,11 +188,12 @@ _unpack_times = struct.Struct("<BQBQ").unpack_from
 
 
 def _status(buf: bytes, pos: int, end: int) -> tuple[int, str]:
+    """A ``Status`` in ``buf[pos:end]``; nothing read past ``end``."""
     code, message = 0, ""
     while pos < end:
         tag = buf[pos]
         pos += 1
-        if tag == 0x18 and buf[pos] < 0x80:  # 3: code, the usual 0, 1 or 2
+        if tag == 0x18 and pos < end and buf[pos] < 0x80:  # 3: code, the usual 0, 1 or 2
             code = buf[pos]
             pos += 1
         elif tag == 0x12:  # 2: message
@@ -204,9 +209,11 @@ def _status(buf: bytes, pos: int, end: int) -> tuple[int, str]:
         else:
             if tag > 0x7F:
                 tag, pos = _varint(buf, pos - 1)
-            if tag >> 3 == 0:
+            if tag >> 3 == 0 or tag > _MAX_TAG:
                 raise Fallback
             pos = _skip(buf, pos, end, tag & 7)
+    if pos != end:  # a varint ran past the end of the message
+        raise Fallback
     return code, message
 
 
@@ -280,6 +287,8 @@ def _span_fields(
                 pos += 5
                 continue
             tag, pos = _varint(buf, pos - 1)
+            if tag > _MAX_TAG:
+                raise Fallback
         wire_type = tag & 7
         field = tag >> 3
         if wire_type == 2:
@@ -368,7 +377,7 @@ def _message_fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]
     while pos < end:
         tag, pos = _varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
-        if field == 0:
+        if field == 0 or tag > _MAX_TAG:
             raise Fallback
         if wire_type == 2:
             length, pos = _varint(buf, pos)
