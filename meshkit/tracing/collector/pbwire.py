@@ -130,8 +130,12 @@ def _kv_entry(raw: bytes, slow_kv: Callable[[bytes], tuple[str, Any]]) -> KvEntr
         if len(_KEY_JSON) >= _CACHE_MAX:
             _KEY_JSON.clear()
         key_json = _KEY_JSON[key] = _dumps(key) + ":"
-    if value.__class__ is float:  # NaN and infinities as OTLP JSON strings
-        entry = (key, value, key_json + float_text(value))
+    if value.__class__ is float:  # finite: its repr; NaN, ±inf: OTLP JSON strings
+        entry = (
+            key,
+            value,
+            key_json + (repr(value) if value - value == 0.0 else float_text(value)),
+        )
     else:
         entry = (key, value, key_json + _dumps(value))
     if cacheable:
@@ -377,7 +381,7 @@ def _message_fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]
     while pos < end:
         tag, pos = _varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
-        if field == 0 or tag > _MAX_TAG:
+        if field == 0 or tag > 0xFFFFFFFF:  # a tag is a 32-bit varint
             raise Fallback
         if wire_type == 2:
             length, pos = _varint(buf, pos)
