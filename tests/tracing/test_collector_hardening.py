@@ -289,6 +289,7 @@ async def test_well_formed_json_values_of_every_kind_are_kept(collector: Collect
         {"key": "k", "value": {"kvlistValue": {"values": [{"key": "z", "value": None}]}}},
         {"key": "empty", "value": {"arrayValue": {}}},
         {"key": "none"},
+        {"key": "null", "value": {"intValue": None}},
     ]
     body = _with(attributes=attributes, status=None, events=None, links=[])
     status, _ = await post(collector, json.dumps(body).encode(), JS)
@@ -306,6 +307,7 @@ async def test_well_formed_json_values_of_every_kind_are_kept(collector: Collect
         "k": {"z": None},
         "empty": [],
         "none": None,
+        "null": None,
     }
 
 

@@ -426,6 +426,8 @@ def _js_value(value: Any, where: str) -> Any:
     if not value:
         return None
     key, inner = next(iter(value.items()))
+    if inner is None:
+        return None  # null: the field's default, i.e. no value
     where = f"{where}.{key}"
     if key == "stringValue" or key == "bytesValue":
         if not isinstance(inner, str):
