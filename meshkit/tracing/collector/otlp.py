@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,19 @@ def _check_ids(trace_id: str, span_id: str, parent_id: str) -> str | None:
     return None
 
 
+_MAX_NS = (1 << 63) - 1  # SQLite's INTEGER is signed 64-bit
+
+
+def _time_problem(start: int, end: int) -> str:
+    """Why a span's times cannot be stored (only called when they cannot)."""
+    if end < start:
+        return "endTimeUnixNano is before startTimeUnixNano"
+    return (
+        f"expected startTimeUnixNano and endTimeUnixNano between 0 and {_MAX_NS} "
+        f"(year 2262), found {start} and {end}"
+    )
+
+
 # -- protobuf -------------------------------------------------------------------------
 
 
@@ -235,9 +249,14 @@ def _decode_wire(body: bytes) -> Decoded:
                     problem = None
                 else:
                     problem = _check_ids(trace_id, span_id, parent_id)
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63):
+                    problem = _time_problem(start, end)
                 if problem is not None:
+                    # protobuf refuses the whole body for a bad event or link, kept or not
+                    for raw in w[11]:
+                        _event(raw)
+                    for raw in w[12]:
+                        _link(raw)
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
                 # what _row does, inline (a call with 14 arguments per span)
@@ -301,8 +320,8 @@ def _decode_generated(body: bytes) -> Decoded:
                     parent_id = raw_parent.hex()
                     problem = _check_ids(trace_id, span_id, parent_id)
                 start, end = span.start_time_unix_nano, span.end_time_unix_nano
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63):
+                    problem = _time_problem(start, end)
                 if problem is not None:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", problem)
                     continue
@@ -357,29 +376,97 @@ def _decode_generated(body: bytes) -> Decoded:
 # -- JSON -----------------------------------------------------------------------------
 
 
-def _js_value(value: Any) -> Any:
-    if not isinstance(value, dict) or not value:
+_INT64 = range(-(1 << 63), 1 << 63)
+_UINT63 = range(1 << 63)  # times: OTLP's fixed64, as far as SQLite's INTEGER goes
+
+
+def _bad(where: str, expected: str, found: Any) -> OtlpError:
+    text = json.dumps(found)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return OtlpError(f"expected {expected} at {where}, found {text}")
+
+
+def _js_obj(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object (``null`` or absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(where, "an object", value)
+    return value
+
+
+def _js_list(obj: dict[str, Any], key: str, where: str) -> Iterator[tuple[Any, str]]:
+    """(item, JSON path of the item) of the list ``obj[key]`` (``null``: none)."""
+    items = obj.get(key)
+    if items is None:
+        return iter(())
+    if not isinstance(items, list):
+        raise _bad(f"{where}.{key}", "a list", items)
+    return ((item, f"{where}.{key}[{i}]") for i, item in enumerate(items))
+
+
+def _js_int(value: Any, where: str, allowed: range = _INT64) -> int:
+    """A 64-bit integer, as OTLP JSON writes them: a number or a decimal string."""
+    if value.__class__ is int or value.__class__ is str:
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+        else:
+            if number in allowed:
+                return number
+    elif value.__class__ is float and value.is_integer() and int(value) in allowed:
+        return int(value)
+    raise _bad(where, "an integer", value)
+
+
+def _js_value(value: Any, where: str) -> Any:
+    value = _js_obj(value, where)
+    if not value:
         return None
     key, inner = next(iter(value.items()))
+    if inner is None:
+        return None  # null: the field's default, i.e. no value
+    where = f"{where}.{key}"
+    if key == "stringValue" or key == "bytesValue":
+        if not isinstance(inner, str):
+            raise _bad(where, "a string", inner)
+        return inner
+    if key == "boolValue":
+        if not isinstance(inner, bool):
+            raise _bad(where, "true or false", inner)
+        return inner
     if key == "intValue":
-        return int(inner)
+        return _js_int(inner, where)
     if key == "doubleValue":
-        return float(inner)
+        if inner.__class__ in (str, int, float):
+            try:
+                return float(inner)
+            except ValueError:
+                pass
+        raise _bad(where, 'a number (or "NaN", "Infinity", "-Infinity")', inner)
     if key == "arrayValue":
-        return [_js_value(v) for v in (inner or {}).get("values", [])]
+        return [_js_value(v, w) for v, w in _js_list(_js_obj(inner, where), "values", where)]
     if key == "kvlistValue":
-        return _js_attrs((inner or {}).get("values", []))
-    return inner
+        inner = _js_obj(inner, where)
+        return _js_attrs(inner.get("values"), f"{where}.values")
+    raise _bad(where, "a value: stringValue, boolValue, intValue, doubleValue, …", key)
 
 
-def _js_attrs(attributes: Any) -> dict[str, Any]:
-    if not isinstance(attributes, list):
+def _js_attrs(attributes: Any, where: str) -> dict[str, Any]:
+    if attributes is None:
         return {}
-    return {
-        str(kv.get("key", "")): _js_value(kv.get("value"))
-        for kv in attributes
-        if isinstance(kv, dict)
-    }
+    if not isinstance(attributes, list):
+        raise _bad(where, "a list of attributes", attributes)
+    out: dict[str, Any] = {}
+    for i, kv in enumerate(attributes):
+        kv = _js_obj(kv, f"{where}[{i}]")
+        key = kv.get("key", "")
+        if not isinstance(key, str):
+            raise _bad(f"{where}[{i}].key", "a string", key)
+        out[key] = _js_value(kv.get("value"), f"{where}[{i}].value")
+    return out
 
 
 def _js_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
@@ -394,25 +481,60 @@ def _js_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
     return 0
 
 
-def _js_list(obj: Any, key: str) -> Iterator[tuple[int, Any]]:
-    items = obj.get(key) if isinstance(obj, dict) else None
-    return enumerate(items) if isinstance(items, list) else iter(())
+# a \uD800-\uDFFF escape: JSON lets it stand alone, but UTF-8 (and SQLite) cannot carry it
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The JSON path of the first string (or key) holding a lone surrogate, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, f"{where} (a key)") or _lone_surrogate(
+                item, f"{where}.{key}"
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def decode_json(body: bytes) -> Decoded:
     """Decode an ``ExportTraceServiceRequest`` in OTLP's JSON encoding."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise OtlpError(f"expected a JSON ExportTraceServiceRequest in UTF-8: {exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
         raise OtlpError(f"expected a JSON ExportTraceServiceRequest: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is every string looked at
+        where = _lone_surrogate(doc, "$")
+        if where is not None:
+            raise OtlpError(
+                f"expected text without lone UTF-16 surrogates (\\ud800-\\udfff) at {where}"
+            )
     if not isinstance(doc, dict) or not isinstance(doc.get("resourceSpans", []), list):
         raise OtlpError('expected a JSON object with a "resourceSpans" list')
     out = Decoded()
-    for r, resource_spans in _js_list(doc, "resourceSpans"):
-        resource = _js_attrs((resource_spans.get("resource") or {}).get("attributes"))
-        for s, scope_spans in _js_list(resource_spans, "scopeSpans"):
-            for i, span in _js_list(scope_spans, "spans"):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
+    for resource_spans, rwhere in _js_list(doc, "resourceSpans", "$"):
+        resource_spans = _js_obj(resource_spans, rwhere)
+        resource = _js_attrs(
+            _js_obj(resource_spans.get("resource"), f"{rwhere}.resource").get("attributes"),
+            f"{rwhere}.resource.attributes",
+        )
+        for scope_spans, swhere in _js_list(resource_spans, "scopeSpans", rwhere):
+            scope_spans = _js_obj(scope_spans, swhere)
+            for span, where in _js_list(scope_spans, "spans", swhere):
                 if not isinstance(span, dict):
                     out.reject(where, "expected a span object")
                     continue
@@ -426,42 +548,47 @@ def decode_json(body: bytes) -> Decoded:
                 except (TypeError, ValueError):
                     problem = problem or "expected integer startTimeUnixNano/endTimeUnixNano"
                     start = end = 0
-                if problem is None and end < start:
-                    problem = "endTimeUnixNano is before startTimeUnixNano"
+                if problem is None and (end < start or end >> 63 or start < 0):
+                    problem = _time_problem(start, end)
                 if problem is not None:
                     out.reject(where, problem)
                     continue
-                status = span.get("status") or {}
-                events = [
-                    {
-                        "time_ns": int(e.get("timeUnixNano", 0)),
-                        "name": str(e.get("name", "")),
-                        "attrs": _js_attrs(e.get("attributes")),
-                    }
-                    for _, e in _js_list(span, "events")
-                    if isinstance(e, dict)
-                ]
-                links = [
-                    {
-                        "trace_id": str(link.get("traceId", "")).lower(),
-                        "span_id": str(link.get("spanId", "")).lower(),
-                        "attrs": _js_attrs(link.get("attributes")),
-                    }
-                    for _, link in _js_list(span, "links")
-                    if isinstance(link, dict)
-                ]
+                status = _js_obj(span.get("status"), f"{where}.status")
+                events = []
+                for e, ewhere in _js_list(span, "events", where):
+                    e = _js_obj(e, ewhere)
+                    events.append(
+                        {
+                            "time_ns": _js_int(
+                                e.get("timeUnixNano", 0), f"{ewhere}.timeUnixNano", _UINT63
+                            ),
+                            "name": str(e.get("name", "")),
+                            "attrs": _js_attrs(e.get("attributes"), f"{ewhere}.attributes"),
+                        }
+                    )
+                links = []
+                for link, lwhere in _js_list(span, "links", where):
+                    link = _js_obj(link, lwhere)
+                    links.append(
+                        {
+                            "trace_id": str(link.get("traceId", "")).lower(),
+                            "span_id": str(link.get("spanId", "")).lower(),
+                            "attrs": _js_attrs(link.get("attributes"), f"{lwhere}.attributes"),
+                        }
+                    )
+                kind = _js_enum(span.get("kind"), KINDS, "SPAN_KIND_")
                 out.spans.append(
                     _row(
                         trace_id,
                         span_id,
                         parent_id,
                         str(span.get("name", "")),
-                        KINDS[_js_enum(span.get("kind"), KINDS, "SPAN_KIND_") % len(KINDS)],
+                        KINDS[kind] if 0 <= kind < _NKINDS else "UNSPECIFIED",
                         start,
                         end,
                         _js_enum(status.get("code"), ("UNSET", "OK", "ERROR"), "STATUS_CODE_"),
                         str(status.get("message", "")),
-                        _js_attrs(span.get("attributes")),
+                        _js_attrs(span.get("attributes"), f"{where}.attributes"),
                         events,
                         links,
                         resource,

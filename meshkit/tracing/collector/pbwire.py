@@ -19,14 +19,15 @@ generated classes one message at a time.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable
 from typing import Any
 
+from .jsontext import dumps as _dumps
+from .jsontext import float_text
+
 __all__ = ["Fallback", "KvEntry", "WireSpan", "decode_request"]
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 _unpack_double = struct.Struct("<d").unpack_from
 _unpack_u64 = struct.Struct("<Q").unpack_from
 
@@ -38,6 +39,10 @@ KvEntry = tuple[str, Any, str]
 _CACHE: dict[bytes, KvEntry] = {}
 _CACHE_MAX = 16384
 _KEY_JSON: dict[str, str] = {}  # key -> '"key":'
+
+
+# A tag is a 32-bit varint: field numbers go up to 2**29 - 1 (protobuf calls more corrupt).
+_MAX_TAG = 0xFFFFFFFF
 
 
 class Fallback(Exception):
@@ -125,8 +130,12 @@ def _kv_entry(raw: bytes, slow_kv: Callable[[bytes], tuple[str, Any]]) -> KvEntr
         if len(_KEY_JSON) >= _CACHE_MAX:
             _KEY_JSON.clear()
         key_json = _KEY_JSON[key] = _dumps(key) + ":"
-    if value.__class__ is float and value - value == 0.0:  # finite: JSON writes its repr
-        entry = (key, value, key_json + repr(value))
+    if value.__class__ is float:  # finite: its repr; NaN, ±inf: OTLP JSON strings
+        entry = (
+            key,
+            value,
+            key_json + (repr(value) if value - value == 0.0 else float_text(value)),
+        )
     else:
         entry = (key, value, key_json + _dumps(value))
     if cacheable:
@@ -183,11 +192,12 @@ _unpack_times = struct.Struct("<BQBQ").unpack_from
 
 
 def _status(buf: bytes, pos: int, end: int) -> tuple[int, str]:
+    """A ``Status`` in ``buf[pos:end]``; nothing read past ``end``."""
     code, message = 0, ""
     while pos < end:
         tag = buf[pos]
         pos += 1
-        if tag == 0x18 and buf[pos] < 0x80:  # 3: code, the usual 0, 1 or 2
+        if tag == 0x18 and pos < end and buf[pos] < 0x80:  # 3: code, the usual 0, 1 or 2
             code = buf[pos]
             pos += 1
         elif tag == 0x12:  # 2: message
@@ -203,9 +213,11 @@ def _status(buf: bytes, pos: int, end: int) -> tuple[int, str]:
         else:
             if tag > 0x7F:
                 tag, pos = _varint(buf, pos - 1)
-            if tag >> 3 == 0:
+            if tag >> 3 == 0 or tag > _MAX_TAG:
                 raise Fallback
             pos = _skip(buf, pos, end, tag & 7)
+    if pos != end:  # a varint ran past the end of the message
+        raise Fallback
     return code, message
 
 
@@ -279,6 +291,8 @@ def _span_fields(
                 pos += 5
                 continue
             tag, pos = _varint(buf, pos - 1)
+            if tag > _MAX_TAG:
+                raise Fallback
         wire_type = tag & 7
         field = tag >> 3
         if wire_type == 2:
@@ -367,7 +381,7 @@ def _message_fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]
     while pos < end:
         tag, pos = _varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
-        if field == 0:
+        if field == 0 or tag > 0xFFFFFFFF:  # a tag is a 32-bit varint
             raise Fallback
         if wire_type == 2:
             length, pos = _varint(buf, pos)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsontext
 from .store import SpanStore
 
 __all__ = [
@@ -63,9 +64,9 @@ class SearchQuery:
                 raise QueryError(f"expected tags as key=value, found {item!r}")
             tags[key] = value
         start_ms = _num(params, "start_ms")
-        lookback = _num(params, "lookback")
+        lookback = _num(params, "lookback", MAX_MS / 1000)  # seconds
         if start_ms is None and lookback is not None:
-            start_ms = time.time() * 1000 - lookback * 1000
+            start_ms = max(0.0, time.time() * 1000 - lookback * 1000)
         limit = _num(params, "limit")
         return cls(
             service=params.get("service", ""),
@@ -80,7 +81,13 @@ class SearchQuery:
         )
 
 
-def _num(params: Mapping[str, str], name: str) -> float | None:
+# Times and durations in ms become ns in SQLite's signed 64-bit INTEGER (up to 9.2e18):
+# 9e12 ms is the year 2255, and a duration of 285 years.
+MAX_MS = 9e12
+
+
+def _num(params: Mapping[str, str], name: str, maximum: float = MAX_MS) -> float | None:
+    """The query parameter ``name`` as a number in [0, maximum], or None when absent."""
     raw = params.get(name, "").strip()
     if not raw:
         return None
@@ -88,8 +95,8 @@ def _num(params: Mapping[str, str], name: str) -> float | None:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise QueryError(f"expected {name} to be a number ≥ 0, found {raw!r}")
+    if not 0 <= value <= maximum:  # NaN fails too
+        raise QueryError(f"expected {name} to be a number from 0 to {maximum:g}, found {raw!r}")
     return value
 
 
@@ -194,7 +201,9 @@ def critical_path(spans: Sequence[dict[str, Any]]) -> list[str]:
     From the root, walk back from its end: the child that finished last before the
     cursor is on the path (and recursively its own critical children); the cursor then
     moves to that child's start. Spans with missing parents start their own root; the
-    longest root is used.
+    longest root is used. When there is no root at all (the parents form a cycle: a
+    broken or hostile exporter), the walk starts from the earliest span and never visits
+    a span twice.
     """
     if not spans:
         return []
@@ -202,10 +211,17 @@ def critical_path(spans: Sequence[dict[str, Any]]) -> list[str]:
     end = {s["span_id"]: s["start_ns"] + s["duration_ns"] for s in spans}
     roots, kids = _children(spans)
     path: list[str] = []
-    root = max(roots, key=lambda sid: end[sid] - start[sid])
+    if roots:
+        root = max(roots, key=lambda sid: end[sid] - start[sid])
+    else:
+        root = min(start, key=start.__getitem__)
     stack: list[tuple[str, int]] = [(root, end[root])]
+    on_path: set[str] = set()
     while stack:
         sid, cut = stack.pop()
+        if sid in on_path:
+            continue  # only in a cycle
+        on_path.add(sid)
         path.append(sid)
         begin = start[sid]
         cursor = min(end[sid], cut)
@@ -215,7 +231,7 @@ def critical_path(spans: Sequence[dict[str, Any]]) -> list[str]:
             for child in sorted(children, key=end.__getitem__, reverse=True):
                 if cursor <= begin:
                     break
-                if start[child] >= cursor:
+                if start[child] >= cursor or child in on_path:
                     continue  # starts after the cursor: not what the parent waited on last
                 chosen.append((child, cursor))
                 cursor = start[child]
@@ -294,7 +310,6 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
     selfs = self_times(rows)
     breakdown: dict[str, list[float]] = {}
     resources: dict[str, int] = {}
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
     heads = []
     events_json = []
     for r in rows:
@@ -307,7 +322,7 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
         entry[1] += 1
         events = r["events"]
         if events != "[]":
-            events = dumps(
+            events = jsontext.dumps(
                 [
                     {"name": e.get("name", ""), "attrs": e.get("attrs", {}),
                      "at_us": (int(e.get("time_ns") or t0) - t0) / 1000}
@@ -352,7 +367,7 @@ def get_trace_json(store: SpanStore, trace_id: str) -> str | None:
         "linked_from": linked_from,
         "spans": heads,
     }
-    head = dumps(summary)
+    head = jsontext.dumps(summary)
     return (
         f"{head[:-1]},"
         f'"resources":[{",".join(resources)}],'
@@ -371,6 +386,8 @@ def dependencies(
     """Caller → callee edges from CLIENT/PRODUCER spans: calls/s, error rate, p50/p99."""
     if not 0 < window_s <= 30 * 86400:
         raise QueryError(f"expected a window between 0 and 30 days (s), found {window_s}")
+    if end_ms is not None and not 0 <= end_ms <= MAX_MS:
+        raise QueryError(f"expected end_ms to be a number from 0 to {MAX_MS:g}, found {end_ms}")
     end_ns = int((end_ms if end_ms is not None else time.time() * 1000) * 1e6)
     start_ns = end_ns - int(window_s * 1e9)
     rows = store.query(
@@ -489,6 +506,7 @@ def stats(store: SpanStore) -> dict[str, Any]:
         "spans": conn.execute("SELECT count(*) FROM spans").fetchone()[0],
         "spans_written": store.spans_written,
         "spans_deleted": store.spans_deleted,
+        "spans_dropped": store.spans_dropped,
         "requests_refused": store.requests_refused,
         "live_bytes": store.live_bytes(conn),
         "max_bytes": store.max_bytes,

@@ -11,7 +11,6 @@ oldest tenth goes, until it fits.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import sqlite3
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .jsontext import dumps
 from .otlp import SpanRow
 
 __all__ = ["SpanStore", "StoreFull"]
@@ -76,7 +76,7 @@ def _insert_rows(rows: int) -> str:
 
 
 _INSERT_LINK = "INSERT INTO links VALUES (?,?,?,?,?)"
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_dumps = dumps  # strict JSON: SQLite's json functions must be able to read every row
 
 
 class StoreFull(Exception):
@@ -201,6 +201,7 @@ class SpanStore:
         self._local = threading.local()
         self.spans_written = 0
         self.spans_deleted = 0
+        self.spans_dropped = 0  # accepted, then refused by SQLite (see _write_or_split)
         self.requests_refused = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="meshkit-trace-store", daemon=True)
@@ -255,10 +256,7 @@ class SpanStore:
                     stop = True
                     break
             if batch:
-                try:
-                    self._write(batch)
-                except Exception:
-                    log.exception("writing %d spans failed; they are lost", len(batch))
+                self._write_or_split(batch)
             for marker in markers:
                 marker.done.set()
             if time.monotonic() >= next_retention:
@@ -269,6 +267,61 @@ class SpanStore:
                     log.exception("trace retention failed")
             if stop or (self._closed and self._queue.empty()):
                 return
+
+    def _write_or_split(self, batch: Sequence[SpanRow]) -> None:
+        """Write ``batch``; if SQLite refuses a row, only that row is lost.
+
+        The batch holds spans of many requests, all already acknowledged. When the insert
+        fails on the data (a value the binding cannot store), the halves are retried on
+        their own, down to single spans, and only those that still fail are dropped (logged
+        once per batch, counted in ``spans_dropped``). A failure of the database itself
+        (disk full, I/O error: ``sqlite3.OperationalError``) would fail every half as well:
+        the batch is dropped at once.
+        """
+        failed: list[tuple[SpanRow, BaseException]] = []
+        written = self.spans_written
+        try:
+            try:
+                self._write(batch)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                if len(batch) == 1:
+                    failed.append((batch[0], exc))
+                else:
+                    self._bisect(batch, failed)
+        except Exception:
+            lost = len(batch) - (self.spans_written - written)
+            self.spans_dropped += lost
+            log.exception("writing %d spans failed; %d of them are lost", len(batch), lost)
+            return
+        if failed:
+            self.spans_dropped += len(failed)
+            span, error = failed[0]
+            log.error(
+                "dropped %d of %d spans SQLite could not store (first: trace %s span %s: %s: %s)",
+                len(failed),
+                len(batch),
+                span.trace_id,
+                span.span_id,
+                type(error).__name__,
+                error,
+            )
+
+    def _bisect(
+        self, batch: Sequence[SpanRow], failed: list[tuple[SpanRow, BaseException]]
+    ) -> None:
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            try:
+                self._write(part)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                if len(part) == 1:
+                    failed.append((part[0], exc))
+                else:
+                    self._bisect(part, failed)
 
     def _write(self, batch: Sequence[SpanRow]) -> None:
         # Rows go in as multi-row INSERTs of up to _ROWS_PER_INSERT rows: one statement
