@@ -51,7 +51,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError, MeshkitError
+from ..errors import ConfigError, MeshkitError, Unavailable
 from .layers import (
     effective,
     env_layer,
@@ -77,6 +77,8 @@ ENV_CONFIG_FILE = "MESHKIT_CONFIG_FILE"
 ENV_CONFIG_CACHE = "MESHKIT_CONFIG_CACHE"
 DEFAULT_INITIAL_TIMEOUT = 3.0
 DEFAULT_STATUS_INTERVAL = 15.0
+_RESTART_MIN = 0.1
+_RESTART_MAX = 5.0
 
 
 class FreeForm(BaseModel):
@@ -394,12 +396,24 @@ class ServiceConfig(Generic[M]):
             model = self.schema.model_validate(merged)
         except ValidationError as exc:
             raise ConfigRejected(render_errors(exc, sources)) from None
+        except Exception as exc:
+            # A schema validator that raised something pydantic passes through
+            # (TypeError, AttributeError, KeyError, ...). Its message is the validator's
+            # own text; the input value is never added (it may be a secret).
+            raise ConfigRejected(
+                f"schema {self.schema.__qualname__} raised {type(exc).__name__}: {exc}"
+            ) from None
         for check in self._validators:
             try:
                 check(model)
             except Exception as exc:
                 name = getattr(check, "__qualname__", repr(check))
-                raise ConfigRejected(f"validator {name}: {exc}") from None
+                kind = (
+                    ""
+                    if isinstance(exc, ValueError | AssertionError)
+                    else f"{type(exc).__name__}: "
+                )
+                raise ConfigRejected(f"validator {name}: {kind}{exc}") from None
         return model, sources
 
     # -- internals: following the store --------------------------------------------------
@@ -431,16 +445,37 @@ class ServiceConfig(Generic[M]):
             self._loaded_from_cache = True
 
     async def _follow(self, ns: str) -> None:
+        """Follow ``ns`` until cancelled: no error of one version or of the store ends it."""
         assert self.store is not None
-        try:
-            async for state in self.store.follow(ns, on_error=self._set_store_error):
-                self._set_store_error(None)
-                self._states[ns] = state
-                self._reconcile()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _log.exception("config watch stopped unexpectedly", service=self.service, namespace=ns)
+        delay = _RESTART_MIN
+        while True:
+            try:
+                async for state in self.store.follow(ns, on_error=self._set_store_error):
+                    self._set_store_error(None)
+                    self._states[ns] = state
+                    delay = _RESTART_MIN
+                    try:
+                        self._reconcile()
+                    except Exception as exc:
+                        # A bug on the apply path (ours or a validator's): refuse this
+                        # version, keep the settings in force and go on watching.
+                        _log.exception(
+                            "config version could not be applied",
+                            service=self.service,
+                            namespace=ns,
+                        )
+                        version = state.for_instance(self.instance_id, self.tags)
+                        self._reject(ns, version, f"{type(exc).__name__}: {exc}")
+                raise Unavailable(f"the config watch of {ns!r} ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.exception(
+                    "config watch failed; restarting it", service=self.service, namespace=ns
+                )
+                self._set_store_error(f"config watch failed: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESTART_MAX)
 
     def _set_store_error(self, exc: BaseException | str | None) -> None:
         self._store_error = None if exc is None else str(exc)
@@ -511,6 +546,7 @@ class ServiceConfig(Generic[M]):
         self, model: M, sources: dict[str, str], target: dict[str, Version | None], group: list[str]
     ) -> None:
         old = self._value
+        keys = _changed_keys(old, model) if old is not None else frozenset()
         self._value, self._sources = model, sources  # the one swap handlers observe
         self._applied = target
         for ns in group:
@@ -519,7 +555,6 @@ class ServiceConfig(Generic[M]):
                 del self._rejected[ns]
             self.metrics.applied.labels(self.service, ns).inc()
         self._publish_metrics()
-        keys = _changed_keys(old, model) if old is not None else frozenset()
         _log.info(
             "config applied",
             service=self.service,
