@@ -63,7 +63,15 @@ from .layers import (
     secret_paths,
 )
 from .metrics import ConfigMetrics
-from .store import SHARED, ConfigStore, InstanceStatus, NamespaceState, Version, validate_namespace
+from .store import (
+    SHARED,
+    ConfigStore,
+    InstanceStatus,
+    MalformedRecord,
+    NamespaceState,
+    Version,
+    validate_namespace,
+)
 from .url import store_from_url
 
 __all__ = ["ConfigChange", "ConfigRejected", "FreeForm", "ServiceConfig"]
@@ -184,7 +192,7 @@ class ServiceConfig(Generic[M]):
         self._applied: dict[str, Version | None] = {self.service: None, SHARED: None}
         self._rejected: dict[str, dict[str, Any]] = {}
         self._vanished: set[str] = set()
-        self._store_error: str | None = None
+        self._store_errors: dict[str, str] = {}  # who saw it (a namespace or start) → error
         self._loaded_from_cache = False
         self._tasks: list[asyncio.Task[None]] = []
         self._status_dirty: asyncio.Event | None = None
@@ -352,7 +360,7 @@ class ServiceConfig(Generic[M]):
         }
         return {
             "store": self.store.url if self.store else None,
-            "store_reachable": self._store_error is None,
+            "store_reachable": not self._store_errors,
             "store_error": self._store_error,
             "versions": self.versions,
             "gray": gray,
@@ -429,11 +437,15 @@ class ServiceConfig(Generic[M]):
                 self._states[state.namespace] = state
             self._set_store_error(None)
             return
-        except (TimeoutError, MeshkitError, OSError) as exc:
+        except (TimeoutError, MeshkitError, OSError, ValueError) as exc:
+            # Unreachable, or a head record no version can be read from (MalformedRecord):
+            # either way the cache, if any, is the best settings there are.
             error = str(exc) or f"no answer within {self.initial_timeout}s"
             self._set_store_error(error)
             _log.warning(
-                "config store unreachable at start",
+                "config store unreadable at start"
+                if isinstance(exc, MalformedRecord | ValueError)
+                else "config store unreachable at start",
                 service=self.service,
                 store=self.store.url,
                 error=error,
@@ -450,8 +462,10 @@ class ServiceConfig(Generic[M]):
         delay = _RESTART_MIN
         while True:
             try:
-                async for state in self.store.follow(ns, on_error=self._set_store_error):
-                    self._set_store_error(None)
+                async for state in self.store.follow(
+                    ns, on_error=lambda exc: self._set_store_error(exc, ns)
+                ):
+                    self._set_store_error(None, ns)
                     self._states[ns] = state
                     delay = _RESTART_MIN
                     try:
@@ -473,13 +487,26 @@ class ServiceConfig(Generic[M]):
                 _log.exception(
                     "config watch failed; restarting it", service=self.service, namespace=ns
                 )
-                self._set_store_error(f"config watch failed: {type(exc).__name__}: {exc}")
+                self._set_store_error(f"config watch failed: {type(exc).__name__}: {exc}", ns)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RESTART_MAX)
 
-    def _set_store_error(self, exc: BaseException | str | None) -> None:
-        self._store_error = None if exc is None else str(exc)
-        self.metrics.store_up.labels(self.service).set(0 if exc is not None else 1)
+    def _set_store_error(self, exc: BaseException | str | None, ns: str = "") -> None:
+        """Record (``exc``) or clear (``None``) the store problem the watch of ``ns`` (or
+        the start, ``""``) sees; each watch clears only its own, so one namespace's bad
+        record is not hidden by the other's good news."""
+        if exc is None:
+            self._store_errors.pop(ns, None)
+            if ns:
+                self._store_errors.pop("", None)  # a watch got through: the start's is over
+        else:
+            self._store_errors[ns] = str(exc)
+        self.metrics.store_up.labels(self.service).set(0 if self._store_errors else 1)
+
+    @property
+    def _store_error(self) -> str | None:
+        errors = list(dict.fromkeys(self._store_errors.values()))
+        return "; ".join(errors) if errors else None
 
     def _reconcile(self) -> None:
         """Apply the versions meant for this instance, or reject them (see the module doc)."""

@@ -49,6 +49,7 @@ __all__ = [
     "ConfigStore",
     "GrayRelease",
     "InstanceStatus",
+    "MalformedRecord",
     "NamespaceState",
     "Selector",
     "Version",
@@ -126,7 +127,10 @@ class Version:
     @classmethod
     def from_json(cls, data: Any) -> Version:
         if not isinstance(data, Mapping) or not isinstance(data.get("values"), Mapping):
-            raise InvalidArgument(f"expected a version record with 'values', found {data!r:.200}")
+            # The record is not echoed: its values may hold secrets.
+            raise InvalidArgument(
+                f"expected a version record with 'values', found {_describe(data)}"
+            )
         return cls(
             namespace=str(data["namespace"]),
             version=int(data["version"]),
@@ -222,7 +226,7 @@ class GrayRelease:
     @classmethod
     def from_json(cls, data: Any) -> GrayRelease:
         if not isinstance(data, Mapping):
-            raise InvalidArgument(f"expected a gray release record, found {data!r:.200}")
+            raise InvalidArgument(f"expected a gray release record, found {_describe(data)}")
         return cls(Version.from_json(data.get("version")), Selector.from_json(data.get("selector")))
 
 
@@ -352,11 +356,12 @@ class ConfigStore:
         return self._state(ns, {k: e.value for k, e in listing.entries.items()}, listing.revision)
 
     def _state(self, ns: str, head: Mapping[str, str], revision: int) -> NamespaceState:
+        """The state in the head records; :class:`MalformedRecord` if one is unreadable."""
         current = gray = None
         if (raw := head.get(f"{ns}/head/current")) is not None:
-            current = Version.from_json(json.loads(raw))
+            current = _parse(f"{ns}/head/current", raw, Version.from_json)
         if (raw := head.get(f"{ns}/head/gray")) is not None:
-            gray = GrayRelease.from_json(json.loads(raw))
+            gray = _parse(f"{ns}/head/gray", raw, GrayRelease.from_json)
         return NamespaceState(ns, current, gray, revision)
 
     async def history(self, namespace: str) -> list[Version]:
@@ -571,6 +576,34 @@ class ConfigStore:
         last: NamespaceState | None = None
         delay = _BACKOFF_MIN
         failing = False
+        malformed_at: int | None = None  # the revision whose head records are unreadable
+
+        def readable(revision: int) -> NamespaceState | None:
+            # A malformed head record (a hand-written put, a buggy or newer tool) means no
+            # acceptable version at this revision: keep what runs and go on watching, so
+            # the repair (or the next publish) is picked up.
+            nonlocal malformed_at
+            try:
+                state = self._state(ns, head, revision)
+            except MalformedRecord as exc:
+                if malformed_at != revision:
+                    malformed_at = revision
+                    _log.warning(
+                        "config head record malformed; keeping the config in force",
+                        namespace=ns,
+                        store=self.url,
+                        revision=revision,
+                        error=exc.message,
+                    )
+                if on_error:
+                    on_error(exc)
+                return None
+            if malformed_at is not None:
+                malformed_at = None
+                if on_error:
+                    on_error(None)
+            return state
+
         while True:
             try:
                 if failing and revision is not None:
@@ -595,11 +628,11 @@ class ConfigStore:
                     listing = await self.kv.scan(prefix)
                     head = {k: e.value for k, e in listing.entries.items()}
                     revision = listing.revision
-                    state = self._state(ns, head, revision)
                     if failing and on_error:
                         on_error(None)
                     failing, delay = False, _BACKOFF_MIN
-                    if last is None or _changed(last, state):
+                    state = readable(revision)
+                    if state is not None and (last is None or _changed(last, state)):
                         last = state
                         yield state
                 async for batch in self.kv.watch(prefix, revision + 1):
@@ -611,8 +644,8 @@ class ConfigStore:
                     for group in _by_revision(batch):
                         _apply(head, group)
                         revision = group[-1].revision
-                        state = self._state(ns, head, revision)
-                        if last is None or _changed(last, state):
+                        state = readable(revision)
+                        if state is not None and (last is None or _changed(last, state)):
                             last = state
                             yield state
                 raise Unavailable(f"the watch on {self.url} ended")
@@ -634,6 +667,29 @@ class ConfigStore:
                     on_error(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
+
+
+class MalformedRecord(ConfigError):
+    """A record in the store that is not valid JSON or not of the expected shape."""
+
+
+def _parse(key: str, raw: str, build: Callable[[Any], Any]) -> Any:
+    try:
+        return build(json.loads(raw))
+    except json.JSONDecodeError as exc:  # its message is a position, not the content
+        raise MalformedRecord(f"{key} is not valid JSON ({exc})") from None
+    except InvalidArgument as exc:
+        raise MalformedRecord(f"{key}: {exc.message}") from None
+    except KeyError as exc:
+        raise MalformedRecord(f"{key}: the record has no field {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise MalformedRecord(f"{key}: a field has the wrong type ({type(exc).__name__})") from None
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, Mapping):
+        return "an object with keys " + ", ".join(sorted(map(str, data))[:10])
+    return f"a JSON {type(data).__name__}"
 
 
 def _fields(version: Version) -> dict[str, Any]:

@@ -5,6 +5,7 @@ version is applied."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, field_serializer, field_validator
 from waiting import wait_until
 
-from meshkit.config import ConfigStore, ServiceConfig
+from meshkit.config import ConfigStore, ServiceConfig, store_from_url
+from meshkit.config.kv import Delete, Put
+from meshkit.errors import ConfigError
 
 
 class Hosts(BaseModel):
@@ -93,3 +96,75 @@ async def test_unexpected_error_while_applying_keeps_the_watch(store: ConfigStor
         json.dumps(cfg.info())
     finally:
         await cfg.stop()
+
+
+class Counter(BaseModel):
+    n: int = 0
+
+
+async def test_malformed_head_record_does_not_end_the_watch(store: ConfigStore) -> None:
+    await store.set_key("echo", "n", 1)
+    cfg = _config(store, Counter)
+    await cfg.start("echo-1", {})
+    try:
+        good = await store.kv.get("echo/head/current")
+        assert good is not None and cfg.value.n == 1
+        await store.kv.txn([], [Put("echo/head/current", "{not json")])  # a bad hand edit
+        await wait_until(lambda: not cfg.info()["store_reachable"], "the bad record reported")
+        assert "echo/head/current is not valid JSON" in cfg.info()["store_error"]
+        assert cfg.value.n == 1 and _follow_tasks_alive(cfg)
+        await store.kv.txn([], [Put("echo/head/current", good.value)])  # the repair
+        await wait_until(lambda: cfg.info()["store_reachable"], "the repair noticed")
+        await store.set_key("echo", "n", 2)
+        await wait_until(lambda: cfg.value.n == 2, "version 2 applied after the repair")
+        # Valid JSON of the wrong shape in head/gray: the same, and no value is echoed.
+        await store.kv.txn([], [Put("echo/head/gray", '{"version": {"values": 5}, "x": "s3"}')])
+        await wait_until(lambda: not cfg.info()["store_reachable"], "the bad gray reported")
+        error = cfg.info()["store_error"]
+        assert "echo/head/gray" in error and "s3" not in error
+        await store.kv.txn([], [Delete("echo/head/gray")])
+        await store.set_key("echo", "n", 3)
+        await wait_until(lambda: cfg.value.n == 3, "version 3 applied")
+        assert cfg.info()["store_reachable"] and _follow_tasks_alive(cfg)
+    finally:
+        await cfg.stop()
+
+
+async def test_malformed_head_record_at_start_uses_the_cache(
+    local_url: str, tmp_path: Path
+) -> None:
+    store = store_from_url(local_url)
+    cache = tmp_path / "cache.json"
+    try:
+        await store.set_key("echo", "n", 1)
+        cfg = _config(store, Counter, cache_file=cache)
+        await cfg.start("echo-1", {})
+        await cfg.stop()
+        assert cache.exists()
+        good = await store.kv.get("echo/head/current")
+        assert good is not None
+        await store.kv.txn([], [Put("echo/head/current", "{not json")])
+        cfg = _config(store, Counter, cache_file=cache)
+        await cfg.start("echo-2", {})
+        try:
+            info = cfg.info()
+            assert cfg.value.n == 1 and info["from_cache"] and not info["store_reachable"]
+            assert "is not valid JSON" in info["store_error"]
+        finally:
+            await cfg.stop()
+        # Without a cache: starts on the other layers, then takes the repaired store.
+        cfg = _config(store, Counter)
+        await cfg.start("echo-3", {})
+        try:
+            assert cfg.value.n == 0 and cfg.versions["echo"] == 0
+            await store.kv.txn([], [Put("echo/head/current", good.value)])
+            await wait_until(lambda: cfg.value.n == 1, "the repaired version applied")
+            assert cfg.info()["store_reachable"]
+        finally:
+            await cfg.stop()
+        # Tools reading the state get a clear ConfigError naming the key.
+        await store.kv.txn([], [Put("echo/head/current", "[1]")])
+        with pytest.raises(ConfigError, match="echo/head/current: expected a version record"):
+            await store.state("echo")
+    finally:
+        await store.close()
