@@ -264,7 +264,23 @@ class ServiceConfig(Generic[M]):
                 self._subscribers.remove(sub)
 
     def validator(self, fn: Callable[[M], Any]) -> Callable[[M], Any]:
-        """Register ``fn(settings)``: raising rejects a version (its message is reported)."""
+        """Register ``fn(settings)``: raising rejects a version (its message is reported).
+
+        Validators are plain functions: a version is validated synchronously, before the
+        one swap that applies it, so an ``async def`` is refused with a
+        :class:`~meshkit.errors.ConfigError`.
+        """
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+        ):
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise ConfigError(
+                f"config validator {name} is async: validators must be plain functions "
+                "(a version is validated before it is applied, with no await); do the check "
+                "synchronously, or fetch what it needs in an on_change callback"
+            )
+        if not callable(fn):
+            raise ConfigError(f"expected a function as config validator, found {fn!r}")
         self._validators.append(fn)
         return fn
 
@@ -413,7 +429,7 @@ class ServiceConfig(Generic[M]):
             ) from None
         for check in self._validators:
             try:
-                check(model)
+                result = check(model)
             except Exception as exc:
                 name = getattr(check, "__qualname__", repr(check))
                 kind = (
@@ -422,6 +438,15 @@ class ServiceConfig(Generic[M]):
                     else f"{type(exc).__name__}: "
                 )
                 raise ConfigRejected(f"validator {name}: {kind}{exc}") from None
+            if inspect.isawaitable(result):
+                # Not awaited (validation is synchronous): a check that never ran must not
+                # pass the version.
+                if inspect.iscoroutine(result):
+                    result.close()
+                name = getattr(check, "__qualname__", repr(check))
+                raise ConfigRejected(
+                    f"validator {name} returned an awaitable; validators must be plain functions"
+                )
         return model, sources
 
     # -- internals: following the store --------------------------------------------------

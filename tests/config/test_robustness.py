@@ -4,7 +4,9 @@ version is applied."""
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +170,44 @@ async def test_malformed_head_record_at_start_uses_the_cache(
             await store.state("echo")
     finally:
         await store.close()
+
+
+class Limit(BaseModel):
+    limit: int = 10
+
+
+async def test_async_validator_refused_and_awaitable_result_rejects(store: ConfigStore) -> None:
+    cfg = _config(store, Limit)
+
+    async def positive(s: Limit) -> None:
+        if s.limit <= 0:
+            raise ValueError("limit must be positive")
+
+    with pytest.raises(ConfigError, match=r"validator .*positive is async"):
+        cfg.validator(positive)
+    with pytest.raises(ConfigError, match="expected a function"):
+        cfg.validator(42)  # type: ignore[arg-type]
+
+    # A plain function handing back a coroutine is caught when it runs: the check never
+    # ran, so the version must not pass (and the coroutine is closed, not left to warn).
+    cfg.validator(lambda s: positive(s) if s.limit < 0 else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await cfg.start("echo-1", {})
+        try:
+            await store.set_key("echo", "limit", -5)
+            await wait_until(lambda: "echo" in cfg.info()["rejected"], "version 1 refused")
+            assert cfg.value.limit == 10 and cfg.versions["echo"] == 0
+            assert "returned an awaitable" in cfg.info()["rejected"]["echo"]["error"]
+            await store.set_key("echo", "limit", 3)
+            await wait_until(lambda: cfg.value.limit == 3, "version 2 applied")
+        finally:
+            await cfg.stop()
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+    # One that always does so fails the start with that message (defaults included).
+    cfg = _config(store, Limit)
+    cfg.validator(lambda s: positive(s))
+    with pytest.raises(ConfigError, match="returned an awaitable"):
+        await cfg.start("echo-2", {})
