@@ -680,12 +680,17 @@ class ServiceConfig(Generic[M]):
     async def _status_loop(self) -> None:
         assert self.store is not None and self._status_dirty is not None
         failing = False
+        secrets_recorded = not self.secret_keys
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.status_interval if not failing else 0.5):
                     await self._status_dirty.wait()
             self._status_dirty.clear()
             try:
+                if not secrets_recorded:
+                    # Kept in the store after this instance stops, so tools still mask them.
+                    await self.store.record_secret_keys(self.service, self.secret_keys)
+                    secrets_recorded = True
                 await self.store.write_status(self.status())
             except (MeshkitError, OSError) as exc:
                 if not failing:

@@ -9,6 +9,8 @@ is a JSON document of keys and values, changed only by publishing a **new versio
     <ns>/head/current        the version in force (a copy of its record)
     <ns>/head/gray           a gray release in progress: {"selector": …, "version": record}
     _status/<service>/<id>   what each running instance applied (see :class:`InstanceStatus`)
+    _secrets/<service>       {"secret_keys": [...]}: the keys the service's schemas mark
+                             secret, kept after its instances stop, so tools mask them
 
 Publishing is one transaction: it checks that ``seq``, ``current`` and ``gray`` are still
 what the publisher read, writes ``versions/N`` and moves ``current`` (or ``gray``); when
@@ -534,6 +536,39 @@ class ConfigStore:
                 return decided
         raise Unavailable(f"could not finish the gray release of {ns!r}: too many races")
 
+    # -- secret keys ----------------------------------------------------------------------
+
+    async def record_secret_keys(self, service: str, keys: Sequence[str]) -> None:
+        """Add ``keys`` to the secret keys recorded for ``service`` (never removes one:
+        instances of an older schema may still run, and masking too much is harmless)."""
+        ns = validate_namespace(service)
+        key = f"_secrets/{ns}"
+        for _ in range(_RETRIES):
+            entry = await self.kv.get(key)
+            known = _secret_record(key, entry.value) if entry is not None else set()
+            if set(keys) <= known:
+                return
+            record = _dumps({"secret_keys": sorted(known | set(keys))})
+            if await self.kv.txn([(key, entry.mod_revision if entry else 0)], [Put(key, record)]):
+                return
+        raise Unavailable(f"could not record the secret keys of {ns!r}: too many races")
+
+    async def secret_keys(self, namespace: str) -> set[str]:
+        """The secret keys recorded for ``namespace`` (for :data:`SHARED`: of every
+        service, since every service reads it). Empty for stores written before these
+        records existed."""
+        ns = validate_namespace(namespace)
+        if ns == SHARED:
+            listing = await self.kv.scan("_secrets/")
+            entries = list(listing.entries.values())
+        else:
+            entry = await self.kv.get(f"_secrets/{ns}")
+            entries = [entry] if entry is not None else []
+        out: set[str] = set()
+        for entry in entries:
+            out |= _secret_record(entry.key, entry.value)
+        return out
+
     # -- status records -------------------------------------------------------------------
 
     async def write_status(self, status: InstanceStatus) -> None:
@@ -684,6 +719,18 @@ def _parse(key: str, raw: str, build: Callable[[Any], Any]) -> Any:
         raise MalformedRecord(f"{key}: the record has no field {exc}") from None
     except (ValueError, TypeError) as exc:
         raise MalformedRecord(f"{key}: a field has the wrong type ({type(exc).__name__})") from None
+
+
+def _secret_record(key: str, raw: str) -> set[str]:
+    try:
+        data = json.loads(raw)
+        keys = data["secret_keys"]
+        if not isinstance(keys, list):
+            raise TypeError("secret_keys is not a list")
+        return {str(k) for k in keys}
+    except (ValueError, KeyError, TypeError) as exc:
+        _log.warning("ignoring malformed secret keys record", key=key, error=str(exc))
+        return set()
 
 
 def _describe(data: Any) -> str:
