@@ -4,8 +4,10 @@ version is applied."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from waiting import wait_until
 
 from meshkit.config import ConfigStore, ServiceConfig, store_from_url
 from meshkit.config.kv import Delete, Put
-from meshkit.errors import ConfigError
+from meshkit.errors import ConfigError, Unavailable
 
 
 class Hosts(BaseModel):
@@ -211,3 +213,81 @@ async def test_async_validator_refused_and_awaitable_result_rejects(store: Confi
     cfg.validator(lambda s: positive(s))
     with pytest.raises(ConfigError, match="returned an awaitable"):
         await cfg.start("echo-2", {})
+
+
+_HOLD_LOCK = """
+import fcntl, os, select, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+select.select([sys.stdin], [], [], 15)  # hold until told (at most 15 s: a frozen loop ends)
+"""
+
+
+async def test_local_store_lock_held_elsewhere_does_not_freeze_the_loop(tmp_path: Path) -> None:
+    directory = tmp_path / "config"
+    store = store_from_url(f"local://{directory}")
+    await store.set_key("echo", "n", 1)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLD_LOCK,
+        str(directory / ".lock"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert await holder.stdout.readline() == b"locked\n"
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        reader = asyncio.create_task(store.state("echo"))
+        # The loop keeps running while the read waits for the other process's lock.
+        await wait_until(lambda: ticks >= 20, "the event loop running during the wait")
+        assert not reader.done() and holder.returncode is None
+        holder.stdin.write(b"release\n")
+        await holder.stdin.drain()
+        state = await reader
+        assert state.current is not None and state.current.values == {"n": 1}
+        ticker.cancel()
+    finally:
+        if holder.returncode is None:
+            holder.stdin.close()
+        await holder.wait()
+        await store.close()
+
+
+async def test_local_store_lock_wait_is_bounded(tmp_path: Path) -> None:
+    directory = tmp_path / "config"
+    store = store_from_url(f"local://{directory}?lock_timeout=0.2")
+    await store.set_key("echo", "n", 1)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLD_LOCK,
+        str(directory / ".lock"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert await holder.stdout.readline() == b"locked\n"
+        with pytest.raises(Unavailable, match=r"locked by another process for more than 0\.2s"):
+            await store.set_key("echo", "n", 2)
+        holder.stdin.close()
+        await holder.wait()
+        assert (await store.set_key("echo", "n", 2)).version == 2  # nothing was lost
+    finally:
+        if holder.returncode is None:
+            holder.stdin.close()
+        await holder.wait()
+        await store.close()
+    with pytest.raises(ConfigError, match="expected lock_timeout"):
+        store_from_url(f"local://{directory}?lock_timeout=0")
