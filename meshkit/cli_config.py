@@ -119,24 +119,36 @@ def _dump(value: Any) -> str:
 
 
 async def _secrets(store: Any, namespace: str) -> set[str]:
-    """Secret keys that running instances of ``namespace`` (any service for shared) report."""
+    """Secret keys of ``namespace`` (any service's for shared): those its instances
+    recorded in the store at start (kept after they stop) and those running ones report
+    (instances of a version from before the record existed)."""
     from .config import SHARED
 
     statuses = await store.statuses(None if namespace == SHARED else namespace)
-    return {key for status in statuses for key in status.secret_keys}
+    recorded = await store.secret_keys(namespace)
+    return recorded | {key for status in statuses for key in status.secret_keys}
 
 
 def _mask(values: Any, secrets: set[str], show: bool, prefix: str = "") -> Any:
+    """``values`` with secret keys masked: keys under ``secrets`` and keys named like a
+    secret (a mapping under such a name, e.g. ``credentials``, is masked whole)."""
     if show or not isinstance(values, Mapping):
         return values
     out = {}
     for key, value in values.items():
         path = f"{prefix}{key}"
-        if path in secrets or (_SECRET_NAME.search(str(key)) and not isinstance(value, Mapping)):
+        if path in secrets or _SECRET_NAME.search(str(key)):
             out[key] = "**********"
         else:
             out[key] = _mask(value, secrets, show, path + ".")
     return out
+
+
+def _is_secret_key(key: str, secrets: set[str]) -> bool:
+    """Whether dotted ``key`` is, or lies under, a secret key or a key named like one."""
+    parts = key.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return bool(prefixes & secrets) or any(_SECRET_NAME.search(p) for p in parts)
 
 
 async def _require_namespace(store: Any, namespace: str) -> Any:
@@ -283,15 +295,20 @@ def get(
         version = await store.version(service, number) if number is not None else state.current
         if version is None:
             _usage(f"{service!r} has only a gray release in progress; use --version")
-        values = _mask(version.values, await _secrets(store, service), show_secrets)
+        secrets = await _secrets(store, service)
         if key is None:
-            click.echo(_dump(values))
+            click.echo(_dump(_mask(version.values, secrets, show_secrets)))
             return
         try:
-            click.echo(_dump(get_path(values, key)))
+            value = get_path(version.values, key)
         except KeyError:
             keys = ", ".join(sorted(version.values)) or "none"
             _usage(f"key {key!r} is not set in {service} version {version.version} (keys: {keys})")
+        if not show_secrets and _is_secret_key(key, secrets):
+            value = "**********"
+        else:
+            value = _mask(value, secrets, show_secrets, key + ".")
+        click.echo(_dump(value))
 
     _run(ctx, work)
 
@@ -520,13 +537,14 @@ def diff(
             a = await store.version(service, old)
             a_values, a_label = a.values, f"version {a.version}"
         secrets = await _secrets(store, service)
-        a_values = _mask(a_values, secrets, show_secrets)
-        b_values = _mask(b.values, secrets, show_secrets)
-        changes = diff_values(a_values, b_values)
+        # Diffed in clear, printed masked: a changed secret shows as changed, not its value.
+        changes = diff_values(a_values, b.values)
         click.echo(f"--- {service} {a_label}\n+++ {service} version {b.version}")
         if not changes:
             click.echo("(no differences)")
         for change, key, before, after in changes:
+            if not show_secrets and _is_secret_key(key, secrets):
+                before = after = "**********"
             if change in ("removed", "changed"):
                 click.echo(f"- {key} = {json.dumps(before)}")
             if change in ("added", "changed"):

@@ -81,15 +81,35 @@ def _is_text(annotation: Any) -> bool:
     return all(m in (str, SecretStr) for m in _unwrap(annotation))
 
 
+def _holds_secret(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
+    """Whether a value of this type is or contains a secret (``dict[str, SecretStr]``,
+    ``list[SecretStr]``, a container of models with secret fields, ...)."""
+    if _is_secret(annotation):
+        return True
+    for member in _unwrap(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            if member not in seen and any(
+                _holds_secret(f.annotation, seen | {member}) for f in member.model_fields.values()
+            ):
+                return True
+        elif any(_holds_secret(arg, seen) for arg in typing.get_args(member)):
+            return True
+    return False
+
+
 def secret_paths(schema: type[BaseModel], prefix: str = "") -> set[str]:
-    """Dotted paths of the secret fields of ``schema`` (nested models included)."""
+    """Dotted paths of the secret fields of ``schema`` (nested models included).
+
+    A container holding secrets (``dict[str, SecretStr]``, ``list[SecretStr]``, a dict of
+    models with secret fields) is one path: its whole subtree is secret.
+    """
     out: set[str] = set()
     for name, info in schema.model_fields.items():
         path = prefix + name
         nested = _nested_model(info.annotation)
         if nested is not None:
             out |= secret_paths(nested, path + ".")
-        elif _is_secret(info.annotation):
+        elif _holds_secret(info.annotation):
             out.add(path)
     return out
 

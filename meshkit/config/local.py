@@ -3,7 +3,9 @@
 No server: every process on the host that opens the same directory sees the same keys
 and the same revisions. Layout::
 
-    <dir>/.lock              flock(2): writers exclusive, readers shared
+    <dir>/.lock              flock(2): writers exclusive, readers shared (taken without
+                             blocking the event loop: retried every 1-20 ms for up to
+                             ``lock_timeout``, 5 s by default, then Unavailable)
     <dir>/journal            one JSON line per transaction:
                              {"rev": N, "ops": [[key, value or null], ...]}; the first line is
                              a header {"base": B}: the journal holds revisions > B
@@ -43,7 +45,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -61,7 +63,10 @@ _log = structlog.get_logger("meshkit.config")
 
 DEFAULT_POLL_INTERVAL = 0.02
 DEFAULT_MAX_JOURNAL = 1024 * 1024
-_URL_PARAMS = ("poll_interval", "max_journal")
+DEFAULT_LOCK_TIMEOUT = 5.0
+_LOCK_RETRY_MIN = 0.001
+_LOCK_RETRY_MAX = 0.02
+_URL_PARAMS = ("poll_interval", "max_journal", "lock_timeout")
 
 
 def default_config_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -95,7 +100,12 @@ class LocalKV(KV):
         *,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_journal: int = DEFAULT_MAX_JOURNAL,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
+        if not isinstance(lock_timeout, int | float) or not 0 < lock_timeout <= 3600:
+            raise ConfigError(
+                f"expected lock_timeout between 0 and 3600 seconds, found {lock_timeout!r}"
+            )
         if not isinstance(poll_interval, int | float) or not 0 < poll_interval <= 60:
             raise ConfigError(
                 f"expected poll_interval between 0 and 60 seconds, found {poll_interval!r}"
@@ -110,6 +120,7 @@ class LocalKV(KV):
             self.url = "local://" + quote(str(self.directory))
         self.poll_interval = float(poll_interval)
         self.max_journal = max_journal
+        self.lock_timeout = float(lock_timeout)
         # /tmp is shared: only trust /tmp/meshkit-<uid> if it is ours (as the registry does).
         fallback = Path(f"/tmp/meshkit-{os.getuid()}")
         self._private_base = fallback if self.directory.parent == fallback else None
@@ -118,7 +129,8 @@ class LocalKV(KV):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> LocalKV:
-        """``local://`` or ``local:///abs/dir``, optionally ``?poll_interval=0.02``."""
+        """``local://`` or ``local:///abs/dir``, optionally ``?poll_interval=0.02``
+        (also ``max_journal``, ``lock_timeout``)."""
         parts = urlsplit(url)
         if parts.scheme != "local":
             raise ConfigError(f"expected a local:// config URL, found {url!r}")
@@ -155,8 +167,16 @@ class LocalKV(KV):
 
     # -- locking and repair ---------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _locked(self, exclusive: bool) -> AsyncIterator[None]:
+        """Hold the store lock for a section that must not await (the lock is per open
+        file, so it also excludes other tasks and threads of this process).
+
+        The lock is tried without blocking and retried with a short sleep, so another
+        process holding it (a slow disk, a writer stopped in a debugger) never freezes
+        the event loop; after ``lock_timeout`` it gives up with ``Unavailable``, which the
+        watchers treat as an outage.
+        """
         if self._closed:
             raise Unavailable(f"config store {self.url} is closed")
         self._check_base()
@@ -166,7 +186,25 @@ class LocalKV(KV):
         except OSError as exc:
             raise Unavailable(f"cannot open config store {self.directory}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.lock_timeout
+            delay = _LOCK_RETRY_MIN
+            while True:
+                try:
+                    fcntl.flock(fd, mode)
+                    break
+                except BlockingIOError:
+                    if loop.time() >= deadline:
+                        raise Unavailable(
+                            f"config store {self.directory} is locked by another process "
+                            f"for more than {self.lock_timeout:g}s (see `fuser "
+                            f"{self.directory / '.lock'}`)"
+                        ) from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _LOCK_RETRY_MAX)
+                except OSError as exc:
+                    raise Unavailable(f"cannot lock config store {self.directory}: {exc}") from exc
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -255,13 +293,13 @@ class LocalKV(KV):
 
     async def get(self, key: str) -> Entry | None:
         path = self._data_path(key)
-        with self._locked(exclusive=False):
+        async with self._locked(exclusive=False):
             return self._read_entry(key, path)
 
     async def scan(self, prefix: str) -> Listing:
         validate_prefix(prefix)
         base = self.directory.joinpath("kv", *prefix[:-1].split("/"))
-        with self._locked(exclusive=False):
+        async with self._locked(exclusive=False):
             try:
                 rev, _ = self._read_rev()
                 entries: dict[str, Entry] = {}
@@ -283,7 +321,7 @@ class LocalKV(KV):
         paths = {c[0]: self._data_path(c[0]) for c in compares}
         for op in ops:
             self._data_path(op.key)
-        with self._locked(exclusive=True):
+        async with self._locked(exclusive=True):
             try:
                 rev, offset = self._repair()
                 for key, expected in compares:
@@ -310,7 +348,7 @@ class LocalKV(KV):
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         validate_prefix(prefix)
-        with self._locked(exclusive=True):
+        async with self._locked(exclusive=True):
             try:
                 self._repair()
             except OSError as exc:

@@ -51,7 +51,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError, MeshkitError
+from ..errors import ConfigError, MeshkitError, Unavailable
 from .layers import (
     effective,
     env_layer,
@@ -63,7 +63,15 @@ from .layers import (
     secret_paths,
 )
 from .metrics import ConfigMetrics
-from .store import SHARED, ConfigStore, InstanceStatus, NamespaceState, Version, validate_namespace
+from .store import (
+    SHARED,
+    ConfigStore,
+    InstanceStatus,
+    MalformedRecord,
+    NamespaceState,
+    Version,
+    validate_namespace,
+)
 from .url import store_from_url
 
 __all__ = ["ConfigChange", "ConfigRejected", "FreeForm", "ServiceConfig"]
@@ -77,6 +85,8 @@ ENV_CONFIG_FILE = "MESHKIT_CONFIG_FILE"
 ENV_CONFIG_CACHE = "MESHKIT_CONFIG_CACHE"
 DEFAULT_INITIAL_TIMEOUT = 3.0
 DEFAULT_STATUS_INTERVAL = 15.0
+_RESTART_MIN = 0.1
+_RESTART_MAX = 5.0
 
 
 class FreeForm(BaseModel):
@@ -182,7 +192,7 @@ class ServiceConfig(Generic[M]):
         self._applied: dict[str, Version | None] = {self.service: None, SHARED: None}
         self._rejected: dict[str, dict[str, Any]] = {}
         self._vanished: set[str] = set()
-        self._store_error: str | None = None
+        self._store_errors: dict[str, str] = {}  # who saw it (a namespace or start) → error
         self._loaded_from_cache = False
         self._tasks: list[asyncio.Task[None]] = []
         self._status_dirty: asyncio.Event | None = None
@@ -254,7 +264,23 @@ class ServiceConfig(Generic[M]):
                 self._subscribers.remove(sub)
 
     def validator(self, fn: Callable[[M], Any]) -> Callable[[M], Any]:
-        """Register ``fn(settings)``: raising rejects a version (its message is reported)."""
+        """Register ``fn(settings)``: raising rejects a version (its message is reported).
+
+        Validators are plain functions: a version is validated synchronously, before the
+        one swap that applies it, so an ``async def`` is refused with a
+        :class:`~meshkit.errors.ConfigError`.
+        """
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+        ):
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise ConfigError(
+                f"config validator {name} is async: validators must be plain functions "
+                "(a version is validated before it is applied, with no await); do the check "
+                "synchronously, or fetch what it needs in an on_change callback"
+            )
+        if not callable(fn):
+            raise ConfigError(f"expected a function as config validator, found {fn!r}")
         self._validators.append(fn)
         return fn
 
@@ -350,7 +376,7 @@ class ServiceConfig(Generic[M]):
         }
         return {
             "store": self.store.url if self.store else None,
-            "store_reachable": self._store_error is None,
+            "store_reachable": not self._store_errors,
             "store_error": self._store_error,
             "versions": self.versions,
             "gray": gray,
@@ -394,12 +420,33 @@ class ServiceConfig(Generic[M]):
             model = self.schema.model_validate(merged)
         except ValidationError as exc:
             raise ConfigRejected(render_errors(exc, sources)) from None
+        except Exception as exc:
+            # A schema validator that raised something pydantic passes through
+            # (TypeError, AttributeError, KeyError, ...). Its message is the validator's
+            # own text; the input value is never added (it may be a secret).
+            raise ConfigRejected(
+                f"schema {self.schema.__qualname__} raised {type(exc).__name__}: {exc}"
+            ) from None
         for check in self._validators:
             try:
-                check(model)
+                result = check(model)
             except Exception as exc:
                 name = getattr(check, "__qualname__", repr(check))
-                raise ConfigRejected(f"validator {name}: {exc}") from None
+                kind = (
+                    ""
+                    if isinstance(exc, ValueError | AssertionError)
+                    else f"{type(exc).__name__}: "
+                )
+                raise ConfigRejected(f"validator {name}: {kind}{exc}") from None
+            if inspect.isawaitable(result):
+                # Not awaited (validation is synchronous): a check that never ran must not
+                # pass the version.
+                if inspect.iscoroutine(result):
+                    result.close()
+                name = getattr(check, "__qualname__", repr(check))
+                raise ConfigRejected(
+                    f"validator {name} returned an awaitable; validators must be plain functions"
+                )
         return model, sources
 
     # -- internals: following the store --------------------------------------------------
@@ -415,11 +462,15 @@ class ServiceConfig(Generic[M]):
                 self._states[state.namespace] = state
             self._set_store_error(None)
             return
-        except (TimeoutError, MeshkitError, OSError) as exc:
+        except (TimeoutError, MeshkitError, OSError, ValueError) as exc:
+            # Unreachable, or a head record no version can be read from (MalformedRecord):
+            # either way the cache, if any, is the best settings there are.
             error = str(exc) or f"no answer within {self.initial_timeout}s"
             self._set_store_error(error)
             _log.warning(
-                "config store unreachable at start",
+                "config store unreadable at start"
+                if isinstance(exc, MalformedRecord | ValueError)
+                else "config store unreachable at start",
                 service=self.service,
                 store=self.store.url,
                 error=error,
@@ -431,20 +482,56 @@ class ServiceConfig(Generic[M]):
             self._loaded_from_cache = True
 
     async def _follow(self, ns: str) -> None:
+        """Follow ``ns`` until cancelled: no error of one version or of the store ends it."""
         assert self.store is not None
-        try:
-            async for state in self.store.follow(ns, on_error=self._set_store_error):
-                self._set_store_error(None)
-                self._states[ns] = state
-                self._reconcile()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _log.exception("config watch stopped unexpectedly", service=self.service, namespace=ns)
+        delay = _RESTART_MIN
+        while True:
+            try:
+                async for state in self.store.follow(
+                    ns, on_error=lambda exc: self._set_store_error(exc, ns)
+                ):
+                    self._set_store_error(None, ns)
+                    self._states[ns] = state
+                    delay = _RESTART_MIN
+                    try:
+                        self._reconcile()
+                    except Exception as exc:
+                        # A bug on the apply path (ours or a validator's): refuse this
+                        # version, keep the settings in force and go on watching.
+                        _log.exception(
+                            "config version could not be applied",
+                            service=self.service,
+                            namespace=ns,
+                        )
+                        version = state.for_instance(self.instance_id, self.tags)
+                        self._reject(ns, version, f"{type(exc).__name__}: {exc}")
+                raise Unavailable(f"the config watch of {ns!r} ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.exception(
+                    "config watch failed; restarting it", service=self.service, namespace=ns
+                )
+                self._set_store_error(f"config watch failed: {type(exc).__name__}: {exc}", ns)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESTART_MAX)
 
-    def _set_store_error(self, exc: BaseException | str | None) -> None:
-        self._store_error = None if exc is None else str(exc)
-        self.metrics.store_up.labels(self.service).set(0 if exc is not None else 1)
+    def _set_store_error(self, exc: BaseException | str | None, ns: str = "") -> None:
+        """Record (``exc``) or clear (``None``) the store problem the watch of ``ns`` (or
+        the start, ``""``) sees; each watch clears only its own, so one namespace's bad
+        record is not hidden by the other's good news."""
+        if exc is None:
+            self._store_errors.pop(ns, None)
+            if ns:
+                self._store_errors.pop("", None)  # a watch got through: the start's is over
+        else:
+            self._store_errors[ns] = str(exc)
+        self.metrics.store_up.labels(self.service).set(0 if self._store_errors else 1)
+
+    @property
+    def _store_error(self) -> str | None:
+        errors = list(dict.fromkeys(self._store_errors.values()))
+        return "; ".join(errors) if errors else None
 
     def _reconcile(self) -> None:
         """Apply the versions meant for this instance, or reject them (see the module doc)."""
@@ -511,6 +598,7 @@ class ServiceConfig(Generic[M]):
         self, model: M, sources: dict[str, str], target: dict[str, Version | None], group: list[str]
     ) -> None:
         old = self._value
+        keys = _changed_keys(old, model) if old is not None else frozenset()
         self._value, self._sources = model, sources  # the one swap handlers observe
         self._applied = target
         for ns in group:
@@ -519,7 +607,6 @@ class ServiceConfig(Generic[M]):
                 del self._rejected[ns]
             self.metrics.applied.labels(self.service, ns).inc()
         self._publish_metrics()
-        keys = _changed_keys(old, model) if old is not None else frozenset()
         _log.info(
             "config applied",
             service=self.service,
@@ -593,12 +680,17 @@ class ServiceConfig(Generic[M]):
     async def _status_loop(self) -> None:
         assert self.store is not None and self._status_dirty is not None
         failing = False
+        secrets_recorded = not self.secret_keys
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.status_interval if not failing else 0.5):
                     await self._status_dirty.wait()
             self._status_dirty.clear()
             try:
+                if not secrets_recorded:
+                    # Kept in the store after this instance stops, so tools still mask them.
+                    await self.store.record_secret_keys(self.service, self.secret_keys)
+                    secrets_recorded = True
                 await self.store.write_status(self.status())
             except (MeshkitError, OSError) as exc:
                 if not failing:

@@ -9,6 +9,8 @@ is a JSON document of keys and values, changed only by publishing a **new versio
     <ns>/head/current        the version in force (a copy of its record)
     <ns>/head/gray           a gray release in progress: {"selector": …, "version": record}
     _status/<service>/<id>   what each running instance applied (see :class:`InstanceStatus`)
+    _secrets/<service>       {"secret_keys": [...]}: the keys the service's schemas mark
+                             secret, kept after its instances stop, so tools mask them
 
 Publishing is one transaction: it checks that ``seq``, ``current`` and ``gray`` are still
 what the publisher read, writes ``versions/N`` and moves ``current`` (or ``gray``); when
@@ -49,6 +51,7 @@ __all__ = [
     "ConfigStore",
     "GrayRelease",
     "InstanceStatus",
+    "MalformedRecord",
     "NamespaceState",
     "Selector",
     "Version",
@@ -126,7 +129,10 @@ class Version:
     @classmethod
     def from_json(cls, data: Any) -> Version:
         if not isinstance(data, Mapping) or not isinstance(data.get("values"), Mapping):
-            raise InvalidArgument(f"expected a version record with 'values', found {data!r:.200}")
+            # The record is not echoed: its values may hold secrets.
+            raise InvalidArgument(
+                f"expected a version record with 'values', found {_describe(data)}"
+            )
         return cls(
             namespace=str(data["namespace"]),
             version=int(data["version"]),
@@ -222,7 +228,7 @@ class GrayRelease:
     @classmethod
     def from_json(cls, data: Any) -> GrayRelease:
         if not isinstance(data, Mapping):
-            raise InvalidArgument(f"expected a gray release record, found {data!r:.200}")
+            raise InvalidArgument(f"expected a gray release record, found {_describe(data)}")
         return cls(Version.from_json(data.get("version")), Selector.from_json(data.get("selector")))
 
 
@@ -352,11 +358,12 @@ class ConfigStore:
         return self._state(ns, {k: e.value for k, e in listing.entries.items()}, listing.revision)
 
     def _state(self, ns: str, head: Mapping[str, str], revision: int) -> NamespaceState:
+        """The state in the head records; :class:`MalformedRecord` if one is unreadable."""
         current = gray = None
         if (raw := head.get(f"{ns}/head/current")) is not None:
-            current = Version.from_json(json.loads(raw))
+            current = _parse(f"{ns}/head/current", raw, Version.from_json)
         if (raw := head.get(f"{ns}/head/gray")) is not None:
-            gray = GrayRelease.from_json(json.loads(raw))
+            gray = _parse(f"{ns}/head/gray", raw, GrayRelease.from_json)
         return NamespaceState(ns, current, gray, revision)
 
     async def history(self, namespace: str) -> list[Version]:
@@ -529,6 +536,39 @@ class ConfigStore:
                 return decided
         raise Unavailable(f"could not finish the gray release of {ns!r}: too many races")
 
+    # -- secret keys ----------------------------------------------------------------------
+
+    async def record_secret_keys(self, service: str, keys: Sequence[str]) -> None:
+        """Add ``keys`` to the secret keys recorded for ``service`` (never removes one:
+        instances of an older schema may still run, and masking too much is harmless)."""
+        ns = validate_namespace(service)
+        key = f"_secrets/{ns}"
+        for _ in range(_RETRIES):
+            entry = await self.kv.get(key)
+            known = _secret_record(key, entry.value) if entry is not None else set()
+            if set(keys) <= known:
+                return
+            record = _dumps({"secret_keys": sorted(known | set(keys))})
+            if await self.kv.txn([(key, entry.mod_revision if entry else 0)], [Put(key, record)]):
+                return
+        raise Unavailable(f"could not record the secret keys of {ns!r}: too many races")
+
+    async def secret_keys(self, namespace: str) -> set[str]:
+        """The secret keys recorded for ``namespace`` (for :data:`SHARED`: of every
+        service, since every service reads it). Empty for stores written before these
+        records existed."""
+        ns = validate_namespace(namespace)
+        if ns == SHARED:
+            listing = await self.kv.scan("_secrets/")
+            entries = list(listing.entries.values())
+        else:
+            entry = await self.kv.get(f"_secrets/{ns}")
+            entries = [entry] if entry is not None else []
+        out: set[str] = set()
+        for entry in entries:
+            out |= _secret_record(entry.key, entry.value)
+        return out
+
     # -- status records -------------------------------------------------------------------
 
     async def write_status(self, status: InstanceStatus) -> None:
@@ -571,6 +611,34 @@ class ConfigStore:
         last: NamespaceState | None = None
         delay = _BACKOFF_MIN
         failing = False
+        malformed_at: int | None = None  # the revision whose head records are unreadable
+
+        def readable(revision: int) -> NamespaceState | None:
+            # A malformed head record (a hand-written put, a buggy or newer tool) means no
+            # acceptable version at this revision: keep what runs and go on watching, so
+            # the repair (or the next publish) is picked up.
+            nonlocal malformed_at
+            try:
+                state = self._state(ns, head, revision)
+            except MalformedRecord as exc:
+                if malformed_at != revision:
+                    malformed_at = revision
+                    _log.warning(
+                        "config head record malformed; keeping the config in force",
+                        namespace=ns,
+                        store=self.url,
+                        revision=revision,
+                        error=exc.message,
+                    )
+                if on_error:
+                    on_error(exc)
+                return None
+            if malformed_at is not None:
+                malformed_at = None
+                if on_error:
+                    on_error(None)
+            return state
+
         while True:
             try:
                 if failing and revision is not None:
@@ -595,11 +663,11 @@ class ConfigStore:
                     listing = await self.kv.scan(prefix)
                     head = {k: e.value for k, e in listing.entries.items()}
                     revision = listing.revision
-                    state = self._state(ns, head, revision)
                     if failing and on_error:
                         on_error(None)
                     failing, delay = False, _BACKOFF_MIN
-                    if last is None or _changed(last, state):
+                    state = readable(revision)
+                    if state is not None and (last is None or _changed(last, state)):
                         last = state
                         yield state
                 async for batch in self.kv.watch(prefix, revision + 1):
@@ -611,8 +679,8 @@ class ConfigStore:
                     for group in _by_revision(batch):
                         _apply(head, group)
                         revision = group[-1].revision
-                        state = self._state(ns, head, revision)
-                        if last is None or _changed(last, state):
+                        state = readable(revision)
+                        if state is not None and (last is None or _changed(last, state)):
                             last = state
                             yield state
                 raise Unavailable(f"the watch on {self.url} ended")
@@ -634,6 +702,41 @@ class ConfigStore:
                     on_error(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
+
+
+class MalformedRecord(ConfigError):
+    """A record in the store that is not valid JSON or not of the expected shape."""
+
+
+def _parse(key: str, raw: str, build: Callable[[Any], Any]) -> Any:
+    try:
+        return build(json.loads(raw))
+    except json.JSONDecodeError as exc:  # its message is a position, not the content
+        raise MalformedRecord(f"{key} is not valid JSON ({exc})") from None
+    except InvalidArgument as exc:
+        raise MalformedRecord(f"{key}: {exc.message}") from None
+    except KeyError as exc:
+        raise MalformedRecord(f"{key}: the record has no field {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise MalformedRecord(f"{key}: a field has the wrong type ({type(exc).__name__})") from None
+
+
+def _secret_record(key: str, raw: str) -> set[str]:
+    try:
+        data = json.loads(raw)
+        keys = data["secret_keys"]
+        if not isinstance(keys, list):
+            raise TypeError("secret_keys is not a list")
+        return {str(k) for k in keys}
+    except (ValueError, KeyError, TypeError) as exc:
+        _log.warning("ignoring malformed secret keys record", key=key, error=str(exc))
+        return set()
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, Mapping):
+        return "an object with keys " + ", ".join(sorted(map(str, data))[:10])
+    return f"a JSON {type(data).__name__}"
 
 
 def _fields(version: Version) -> dict[str, Any]:

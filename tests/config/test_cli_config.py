@@ -345,3 +345,73 @@ async def test_gray_by_percent_reaches_exactly_the_hashed_subset(local_url: str)
     finally:
         for cfg in configs:
             await cfg.stop()
+
+
+class Vault(BaseModel):
+    api_keys: dict[str, SecretStr] = {}
+    signers: list[SecretStr] = []
+    db_dsn: SecretStr | None = None
+    limit: int = 1
+
+
+async def test_secrets_masked_after_instances_stop_and_in_containers(local_url: str) -> None:
+    """Containers of secrets are secret subtrees; a SecretStr not named like a secret stays
+    masked once no instance runs (its key is recorded in the store at start); a mapping
+    under a secret-like name is masked whole; a changed secret shows as changed."""
+    clear = ("sk-live-PARTNER", "sig-ONE", "HUNTER2", "cred-VALUE")
+    store = store_from_url(local_url)
+    try:
+        await store.replace(
+            "echo",
+            {
+                "api_keys": {"partner": clear[0]},
+                "signers": [clear[1]],
+                "db_dsn": f"postgres://u:{clear[2]}@db/x",
+                "limit": 1,
+                "credentials": {"user": "u", "value": clear[3]},
+            },
+        )
+        assert await store.secret_keys("echo") == set()  # an old store: nothing recorded
+        cfg = ServiceConfig(
+            "echo", Vault, store=store, environ={}, metrics_registry=CollectorRegistry()
+        )
+        await cfg.start("echo-1", {})
+        assert set(cfg.secret_keys) == {"api_keys", "signers", "db_dsn"}
+        await _until(lambda: store.secret_keys("echo"), {"api_keys", "signers", "db_dsn"})
+        await cfg.stop()
+        assert await store.statuses("echo") == []
+        assert await store.secret_keys("_shared") == {"api_keys", "signers", "db_dsn"}
+        await store.set_key("echo", "api_keys.partner", "sk-live-ROTATED")
+    finally:
+        await store.close()
+    outputs = [
+        await arun(local_url, *args)
+        for args in (
+            ["get", "echo"],
+            ["get", "echo", "--version", "1"],
+            ["get", "echo", "api_keys"],
+            ["get", "echo", "api_keys.partner"],
+            ["get", "echo", "credentials"],
+            ["diff", "echo"],
+        )
+    ]
+    for r in outputs:
+        assert r.exit_code == 0, r.output
+        for secret in (*clear, "ROTATED"):
+            assert secret not in r.output, (secret, r.output)
+    assert '"limit": 1' in outputs[0].output and '"api_keys": "**********"' in outputs[0].output
+    assert outputs[3].output.strip() == '"**********"'
+    assert outputs[5].output.splitlines()[2:] == [
+        '- api_keys.partner = "**********"',
+        '+ api_keys.partner = "**********"',
+    ]
+    shown = (await arun(local_url, "get", "echo", "--show-secrets")).output
+    assert "sk-live-ROTATED" in shown and clear[2] in shown
+
+
+async def _until(read: Any, expected: Any) -> None:
+    for _ in range(500):
+        if await read() == expected:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"timed out waiting for {expected!r}")
