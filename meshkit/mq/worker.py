@@ -541,6 +541,7 @@ class Worker:
                     # (they are read again after the seek).
                     tp = (topic, partition)
                     self._held[tp] = due  # type: ignore[index]
+                    self._close_held_batch(batch)
                     opened[tp] = batch = None  # type: ignore[index]
                     held_now.append((msg, due))
                     continue
@@ -572,6 +573,20 @@ class Worker:
         work.wake()
         if held_now:
             self._spawn(self._hold(held_now))
+
+    def _close_held_batch(self, batch: OffsetBatch) -> None:
+        """Close the batch of a retry partition whose next message in this fetch is held
+        (not due): the messages before it are its whole batch, so it ends at the held
+        one and they count as in flight now (runners run only after ``_dispatch``
+        returns, so this is exact); an empty one (the held message came first) is
+        dropped: it is the partition's newest, opened in this dispatch."""
+        if batch.left:
+            batch.end = batch.last.offset() + 1
+            batch.last = None
+            self.in_flight += batch.left
+        else:
+            popped = batch.state.batches.pop()
+            assert popped is batch
 
     def _start_inline(self, messages: list[Message]) -> None:
         """Hand a whole fetched batch to one runner (nothing else is in flight)."""

@@ -1,0 +1,136 @@
+"""Regressions for bugs a review found in the worker and publisher, on a real broker.
+
+* A retry partition fetched as [due…, not due]: the due messages' batch is closed at
+  the held one (committed up to it, counted in flight exactly once), and a held
+  partition leaves no empty batch behind for stop() to wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from kafka_broker import KafkaBroker, fresh, make_worker
+from prometheus_client import CollectorRegistry
+from waiting import wait_until
+
+from meshkit.mq import RetryPolicy, Subscription, Worker
+from meshkit.mq import headers as H
+
+
+def _retry_headers(not_before_ms: int) -> list[tuple[str, bytes]]:
+    return [(H.NOT_BEFORE, str(not_before_ms).encode()), (H.RETRY_LEVEL, b"1")]
+
+
+def _topic_with_retry(broker: KafkaBroker) -> str:
+    topic = broker.create_topic(fresh("t"), 1)
+    broker.create_topic(f"{topic}.retry.1", 1)
+    broker.create_topic(f"{topic}.dlq", 1)
+    return topic
+
+
+def _held_worker(
+    broker: KafkaBroker, group: str, topic: str, handle: object, **kw: object
+) -> Worker:
+    policy = RetryPolicy(attempts=1, topic_delays=(120.0,))
+    return make_worker(
+        broker,
+        group,
+        [Subscription(topic, handle, model=bytes, retry=policy)],  # type: ignore[arg-type]
+        CollectorRegistry(),
+        **kw,
+    )
+
+
+async def test_retry_partition_due_then_held_commits_up_to_the_held_message(
+    broker: KafkaBroker, group: str
+) -> None:
+    topic = _topic_with_retry(broker)
+    now = int(time.time() * 1000)
+    due = [(b"k%d" % i, b"due%d" % i, _retry_headers(now - 1000)) for i in range(5)]
+    later = [(b"kx", b"later", _retry_headers(now + 120_000))]
+    broker.produce(f"{topic}.retry.1", due + later)
+    seen: list[bytes] = []
+
+    async def handle(value: bytes) -> None:
+        seen.append(value)
+
+    worker = _held_worker(broker, group, topic, handle, drain_timeout=30.0)
+    await worker.start()
+    try:
+        await wait_until(lambda: len(seen) == 5, "the due retry messages", limit=30)
+        # Committed up to the held message (offset 5), which is not handled yet.
+        await wait_until(
+            lambda: worker._states[(f"{topic}.retry.1", 0)].committed == 5,
+            "the commit up to the held message",
+            limit=15,
+        )
+        assert worker.in_flight == 0
+        assert worker.last_error is None
+        assert sorted(seen) == [b"due%d" % i for i in range(5)]
+    finally:
+        # Nothing is in flight: stop() returns True without waiting out drain_timeout.
+        finished = await asyncio.wait_for(worker.stop(), 20)
+    assert finished
+    assert broker.committed(group, f"{topic}.retry.1", 1) == {0: 5}
+
+
+async def test_held_retry_partition_leaves_nothing_for_stop_to_wait_on(
+    broker: KafkaBroker, group: str
+) -> None:
+    topic = _topic_with_retry(broker)
+    now = int(time.time() * 1000)
+    broker.produce(f"{topic}.retry.1", [(b"kx", b"later", _retry_headers(now + 120_000))])
+    seen: list[bytes] = []
+
+    async def handle(value: bytes) -> None:
+        seen.append(value)
+
+    worker = _held_worker(broker, group, topic, handle, drain_timeout=60.0)
+    await worker.start()
+    try:
+        await wait_until(lambda: bool(worker._held), "the retry partition held", limit=30)
+        assert not worker._states[(f"{topic}.retry.1", 0)].batches
+        assert worker.in_flight == 0
+    finally:
+        # A leftover empty batch made stop() wait the whole drain_timeout (60 s here).
+        finished = await asyncio.wait_for(worker.stop(), 20)
+    assert finished
+    assert seen == []
+
+
+async def test_held_retry_partition_keeps_key_order_on_the_main_topic(
+    broker: KafkaBroker, group: str
+) -> None:
+    """With in_flight counted right after a held fetch, a later batch of one key goes
+    through the usual dispatch while that key's message runs: handled in order, none lost."""
+    topic = _topic_with_retry(broker)
+    now = int(time.time() * 1000)
+    due = [(b"r%d" % i, b"r%d" % i, _retry_headers(now - 1000)) for i in range(5)]
+    later = [(b"rx", b"rx", _retry_headers(now + 120_000))]
+    broker.produce(f"{topic}.retry.1", due + later)
+    seen: list[bytes] = []
+    gate = asyncio.Event()
+
+    async def handle(value: bytes) -> None:
+        if value == b"a0":
+            await gate.wait()
+        else:
+            await asyncio.sleep(0)
+        seen.append(value)
+
+    worker = _held_worker(broker, group, topic, handle)
+    await worker.start()
+    try:
+        await wait_until(lambda: len(seen) == 5, "the due retry messages", limit=30)
+        await wait_until(lambda: worker.in_flight == 0, "nothing in flight")
+        await asyncio.to_thread(broker.produce, topic, [(b"K", b"a%d" % i) for i in range(5)])
+        await wait_until(lambda: worker.in_flight == 5, "a0..a4 fetched", limit=15)
+        await asyncio.to_thread(broker.produce, topic, [(b"K", b"b0")])
+        await wait_until(lambda: worker.in_flight == 6, "b0 fetched behind a0", limit=15)
+        gate.set()
+        await wait_until(lambda: len(seen) == 11, "key K handled", limit=15)
+    finally:
+        gate.set()
+        await worker.stop(timeout=5)
+    assert seen[5:] == [b"a0", b"a1", b"a2", b"a3", b"a4", b"b0"]
