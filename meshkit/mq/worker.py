@@ -280,6 +280,10 @@ class Worker:
         }
         if self.config.get("enable.auto.commit") not in (False, "false"):
             raise ConfigError("a meshkit worker commits itself: enable.auto.commit must be false")
+        #: incremental rebalances: an assignment adds to the partitions kept
+        self._cooperative = "cooperative" in str(
+            self.config.get("partition.assignment.strategy", "")
+        )
         self.create_topics = create_topics
         self.partitions = partitions
         self._publisher = publisher
@@ -912,7 +916,8 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned |= keys
-        self._paused_all = False  # a new assignment starts unpaused
+        if self._paused_all and partitions:
+            self._assign_paused(consumer, partitions)
         for key in list(self._held):
             if key not in self._assigned:
                 del self._held[key]
@@ -927,6 +932,21 @@ class Worker:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._assigned_on_loop, keys, committed)
         log.info("partitions assigned", group=self.group, partitions=_names(partitions))
+
+    def _assign_paused(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Assign ``partitions`` paused: the worker's buffer is full (``_paused_all``).
+
+        An eager rebalance revoked (and resumed) everything before, but an incremental
+        one (cooperative-sticky) keeps the other partitions paused, so the new ones must
+        be paused as well for :meth:`_resume_all` to bring them all back when there is
+        room. The assignment is made here (the client does not repeat it) so that the
+        pause applies before anything of them is fetched.
+        """
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        consumer.pause(partitions)
 
     def _assigned_on_loop(self, keys: set[_TPKey], committed: dict[_TPKey, int]) -> None:
         for key in keys:

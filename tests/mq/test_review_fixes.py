@@ -3,6 +3,8 @@
 * A retry partition fetched as [due…, not due]: the due messages' batch is closed at
   the held one (committed up to it, counted in flight exactly once), and a held
   partition leaves no empty batch behind for stop() to wait on.
+* cooperative-sticky: an incremental assignment while the buffer is full keeps the
+  partitions the worker had paused resumable (it used to forget they were paused).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from kafka_broker import KafkaBroker, fresh, make_worker
+import pytest
+from kafka_broker import CLIENT_SETTINGS, KafkaBroker, fresh, make_worker
 from prometheus_client import CollectorRegistry
 from waiting import wait_until
 
-from meshkit.mq import RetryPolicy, Subscription, Worker
+from meshkit.mq import MessageContext, RetryPolicy, Subscription, Worker
 from meshkit.mq import headers as H
 
 
@@ -134,3 +137,64 @@ async def test_held_retry_partition_keeps_key_order_on_the_main_topic(
         gate.set()
         await worker.stop(timeout=5)
     assert seen[5:] == [b"a0", b"a1", b"a2", b"a3", b"a4", b"b0"]
+
+
+@pytest.mark.slow
+async def test_cooperative_rebalance_while_paused_keeps_consuming(broker: KafkaBroker) -> None:
+    """A worker with a tiny buffer is paused nearly all the time; a second one joins
+    under cooperative-sticky (the first keeps half its partitions, incrementally):
+    every message is handled and committed, by one worker or the other."""
+    topic = broker.create_topic(fresh("t"), 4)
+    group = fresh("g")
+    n = 3000
+    broker.produce(topic, [(b"k%d" % (i % 64), b"%d" % i) for i in range(n)])
+    handled: dict[str, set[int]] = {"w1": set(), "w2": set()}
+
+    def handler(name: str) -> object:
+        async def handle(value: bytes, ctx: MessageContext) -> None:
+            await asyncio.sleep(0.005)
+            handled[name].add(int(value))
+
+        return handle
+
+    coop = {
+        **CLIENT_SETTINGS,
+        "partition.assignment.strategy": "cooperative-sticky",
+        # tansu answers a fetch only after fetch.wait.max.ms: with a tiny buffer every
+        # resume waits for one, so keep it short (the test is about progress, not speed)
+        "fetch.wait.max.ms": 10,
+    }
+
+    def worker(name: str) -> Worker:
+        return Worker(
+            group,
+            [Subscription(topic, handler(name), model=bytes, retry=RetryPolicy(topic_delays=()))],  # type: ignore[arg-type]
+            url=broker.url,
+            config=coop,
+            commit_interval=0.2,
+            max_buffered=8,
+            concurrency=4,
+            drain_timeout=2.0,
+            metrics_registry=CollectorRegistry(),
+        )
+
+    w1, w2 = worker("w1"), worker("w2")
+    await w1.start()
+    try:
+        await wait_until(lambda: len(handled["w1"]) >= 50, "w1 under way", limit=30)
+        await w2.start()
+        await wait_until(lambda: bool(w2._assigned), "w2 assigned", limit=30)
+        await wait_until(lambda: len(w1._assigned) == 2, "w1 keeps two partitions", limit=30)
+        after_rebalance = len(handled["w1"])
+        await wait_until(
+            lambda: len(handled["w1"] | handled["w2"]) == n, "every message handled", limit=60
+        )
+        assert len(handled["w1"]) > after_rebalance  # w1 went on with what it kept
+        await wait_until(
+            lambda: asyncio.to_thread(lambda: sum(broker.committed(group, topic, 4).values()) == n),
+            "everything committed",
+            limit=30,
+        )
+    finally:
+        await w2.stop()
+        await w1.stop()
