@@ -22,7 +22,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from .codec import Codec, JsonCodec, RawCodec, ThriftCodec
 from .context import MessageContext
-from .errors import DeadLetter, DecodeError, MqError, PublishBufferFull, PublishError
+from .errors import (
+    DeadLetter,
+    DecodeError,
+    HandlerCancelled,
+    MqError,
+    PublishBufferFull,
+    PublishError,
+)
 from .producer import Delivery, Publisher
 from .retry import NO_RETRIES, RetryPolicy, dlq_topic, retry_topic
 from .subscription import Subscription
@@ -34,6 +41,7 @@ __all__ = [
     "DeadLetter",
     "DecodeError",
     "Delivery",
+    "HandlerCancelled",
     "JsonCodec",
     "MessageContext",
     "MqError",

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "DeadLetter",
     "DecodeError",
+    "HandlerCancelled",
     "MqError",
     "PublishBufferFull",
     "PublishError",
@@ -41,4 +42,11 @@ class DeadLetter(MqError):
 
     For errors that no retry can fix (a reference to a record that does not exist, a
     request the business rules reject): no in-place retry, no retry topic.
+    """
+
+
+class HandlerCancelled(MqError):
+    """A handler raised ``CancelledError`` though its worker did not cancel it (it awaited
+    something cancelled elsewhere, say a shared client's request): counted as a handler
+    failure (retried, then moved to a retry topic or the DLQ), the original as its cause.
     """

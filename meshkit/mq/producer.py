@@ -34,7 +34,13 @@ __all__ = ["Delivery", "Publisher"]
 
 log = structlog.get_logger("meshkit.mq.producer")
 
-Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
+#: message headers: a mapping or ``(name, value)`` pairs (names repeat in pairs); a value
+#: is text (UTF-8), bytes (``bytearray``/``memoryview`` too) or ``None`` (a null header)
+Headers = (
+    Mapping[str, str | bytes | bytearray | memoryview | None]
+    | Iterable[tuple[str, str | bytes | bytearray | memoryview | None]]
+    | None
+)
 
 #: librdkafka settings meshkit uses unless the caller overrides them.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -98,13 +104,27 @@ def _key_bytes(key: Any) -> bytes | None:
     raise TypeError(f"expected a str, bytes or int message key, found {type(key).__name__}")
 
 
-def _header_list(headers: Headers) -> list[tuple[str, bytes]]:
+def _header_list(headers: Headers) -> list[tuple[str, bytes | None]]:
+    """``headers`` as librdkafka takes them; ``TypeError`` for a name that is not text
+    or a value that is not text, bytes or ``None`` (``bytes(3)`` would be three NULs)."""
     if headers is None:
         return []
     items = headers.items() if isinstance(headers, Mapping) else headers
-    out = []
+    out: list[tuple[str, bytes | None]] = []
     for name, value in items:
-        out.append((str(name), value.encode() if isinstance(value, str) else bytes(value)))
+        if not isinstance(name, str):
+            raise TypeError(f"expected a str header name, found {type(name).__name__}: {name!r}")
+        if isinstance(value, str):
+            out.append((name, value.encode()))
+        elif value is None or type(value) is bytes:
+            out.append((name, value))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            out.append((name, bytes(value)))
+        else:
+            raise TypeError(
+                f"expected a str, bytes or None value for header {name!r}, found "
+                f"{type(value).__name__}: {value!r} (convert it, e.g. str(value))"
+            )
     return out
 
 
@@ -265,7 +285,8 @@ class Publisher:
             topic,
             payload,
             key if key is None or type(key) is bytes else _key_bytes(key),
-            _header_list(headers) if headers is not None else None,
+            # None values go to librdkafka as null headers; the span code reads names only
+            cast(list[tuple[str, bytes]], _header_list(headers)) if headers is not None else None,
             partition,
         )
 

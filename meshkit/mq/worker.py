@@ -64,7 +64,7 @@ from prometheus_client import CollectorRegistry
 from . import headers as H
 from .codec import RawCodec
 from .context import MessageContext
-from .errors import ConfigError, DeadLetter, DecodeError, MqError
+from .errors import ConfigError, DeadLetter, DecodeError, HandlerCancelled, MqError
 from .metrics import HANDLER_BUCKETS, ConsumerMetrics, HandlerStats, HandlerTable
 from .offsets import OffsetBatch, PartitionState
 from .producer import Publisher
@@ -129,7 +129,7 @@ def ensure_topics(
 
 
 def _topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int | None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=_quiet_logger)
     meta = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
         return None
@@ -280,6 +280,10 @@ class Worker:
         }
         if self.config.get("enable.auto.commit") not in (False, "false"):
             raise ConfigError("a meshkit worker commits itself: enable.auto.commit must be false")
+        #: incremental rebalances: an assignment adds to the partitions kept
+        self._cooperative = "cooperative" in str(
+            self.config.get("partition.assignment.strategy", "")
+        )
         self.create_topics = create_topics
         self.partitions = partitions
         self._publisher = publisher
@@ -318,6 +322,7 @@ class Worker:
         self._consume_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._started = False
+        self._start_lock = asyncio.Lock()
         self.last_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -334,10 +339,39 @@ class Worker:
         return await self._loop.run_in_executor(self._io, fn, *args)
 
     async def start(self) -> None:
-        """Create missing topics, join the group and start handling messages."""
-        if self._started:
-            return
-        self._started = True
+        """Create missing topics, join the group and start handling messages.
+
+        Raises :class:`MqError` when the broker cannot be reached to create the topics
+        (nothing is left running: ``start()`` may be called again later).
+        """
+        async with self._start_lock:
+            if self._started:
+                return
+            try:
+                await self._connect()
+            except BaseException as exc:
+                await self._undo_start()
+                if isinstance(exc, KafkaException):
+                    raise MqError(
+                        f"worker {self.group!r} could not start: the Kafka broker at "
+                        f"{self.bootstrap} did not answer ({exc}); is MESHKIT_MQ right "
+                        "and the broker up?"
+                    ) from exc
+                raise
+            self._started = True
+        self._runners = [self._start_runner() for _ in range(self.concurrency)]
+        self._consume_task = asyncio.create_task(self._consume_loop())
+        self._commit_task = asyncio.create_task(self._commit_loop())
+        log.info(
+            "worker started",
+            group=self.group,
+            topics=self.topics,
+            concurrency=self.concurrency,
+            max_buffered=self.max_buffered,
+        )
+
+    async def _connect(self) -> None:
+        """The part of :meth:`start` that may fail: topics, publisher, consumer."""
         self._loop = asyncio.get_running_loop()
         self._io = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"meshkit-mq-{self.group}"
@@ -358,16 +392,39 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        self._runners = [asyncio.create_task(self._run()) for _ in range(self.concurrency)]
-        self._consume_task = asyncio.create_task(self._consume_loop())
-        self._commit_task = asyncio.create_task(self._commit_loop())
-        log.info(
-            "worker started",
-            group=self.group,
-            topics=self.topics,
-            concurrency=self.concurrency,
-            max_buffered=self.max_buffered,
-        )
+
+    async def _undo_start(self) -> None:
+        """A failed :meth:`start`: close what it opened (the consumer, an own publisher,
+        the io thread) so that nothing runs and a later ``start()`` begins afresh."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self._io is not None:
+            with contextlib.suppress(Exception):
+                await self._call(consumer.close)
+        if self._owns_publisher and self._publisher is not None:
+            publisher, self._publisher = self._publisher, None
+            with contextlib.suppress(Exception):
+                await publisher.close(timeout=1.0)
+        io, self._io = self._io, None
+        if io is not None:  # idle by now: its thread ends at once
+            await asyncio.to_thread(io.shutdown, True)
+
+    def _start_runner(self) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._run())
+        task.add_done_callback(self._runner_ended)
+        return task
+
+    def _runner_ended(self, task: asyncio.Task[None]) -> None:
+        """A runner task ended. The next message of its last key, made ready on the way
+        out, goes to an idle runner; outside :meth:`stop` a runner can only have died of
+        a bug: logged and replaced, so the worker keeps its concurrency."""
+        self._work.wake()
+        if self._stopping:
+            return
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        self.last_error = f"a runner ended: {error}"
+        log.error("runner ended unexpectedly, starting another", group=self.group, error=error)
+        if task in self._runners:
+            self._runners[self._runners.index(task)] = self._start_runner()
 
     def _ensure_topics(self) -> None:
         wanted: dict[str, int] = {}
@@ -378,7 +435,7 @@ class Worker:
                 wanted[topic] = n
             if sub.retry.dead_letter:
                 wanted[sub.dlq] = n
-        created = ensure_topics(self.bootstrap, wanted)
+        created = ensure_topics(self.bootstrap, wanted, config={"logger": _quiet_logger})
         if created:
             log.info("topics created", group=self.group, topics=created)
 
@@ -541,6 +598,7 @@ class Worker:
                     # (they are read again after the seek).
                     tp = (topic, partition)
                     self._held[tp] = due  # type: ignore[index]
+                    self._close_held_batch(batch)
                     opened[tp] = batch = None  # type: ignore[index]
                     held_now.append((msg, due))
                     continue
@@ -572,6 +630,20 @@ class Worker:
         work.wake()
         if held_now:
             self._spawn(self._hold(held_now))
+
+    def _close_held_batch(self, batch: OffsetBatch) -> None:
+        """Close the batch of a retry partition whose next message in this fetch is held
+        (not due): the messages before it are its whole batch, so it ends at the held
+        one and they count as in flight now (runners run only after ``_dispatch``
+        returns, so this is exact); an empty one (the held message came first) is
+        dropped: it is the partition's newest, opened in this dispatch."""
+        if batch.left:
+            batch.end = batch.last.offset() + 1
+            batch.last = None
+            self.in_flight += batch.left
+        else:
+            popped = batch.state.batches.pop()
+            assert popped is batch
 
     def _start_inline(self, messages: list[Message]) -> None:
         """Hand a whole fetched batch to one runner (nothing else is in flight)."""
@@ -724,7 +796,9 @@ class Worker:
                     value = b""  # RawCodec.decode
                 try:
                     await handler(value)
-                except Exception as exc:
+                except BaseException as caught:
+                    if (exc := _handler_failure(caught)) is None:
+                        raise
                     now = clock()
                     stats = route.stats  # type: ignore[union-attr]
                     stats.observe(now - prev)
@@ -908,7 +982,8 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned |= keys
-        self._paused_all = False  # a new assignment starts unpaused
+        if self._paused_all and partitions:
+            self._assign_paused(consumer, partitions)
         for key in list(self._held):
             if key not in self._assigned:
                 del self._held[key]
@@ -923,6 +998,21 @@ class Worker:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._assigned_on_loop, keys, committed)
         log.info("partitions assigned", group=self.group, partitions=_names(partitions))
+
+    def _assign_paused(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Assign ``partitions`` paused: the worker's buffer is full (``_paused_all``).
+
+        An eager rebalance revoked (and resumed) everything before, but an incremental
+        one (cooperative-sticky) keeps the other partitions paused, so the new ones must
+        be paused as well for :meth:`_resume_all` to bring them all back when there is
+        room. The assignment is made here (the client does not repeat it) so that the
+        pause applies before anything of them is fetched.
+        """
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        consumer.pause(partitions)
 
     def _assigned_on_loop(self, keys: set[_TPKey], committed: dict[_TPKey, int]) -> None:
         for key in keys:
@@ -1091,7 +1181,9 @@ class Worker:
                         start = clock()
                         try:
                             await route.handler(value)
-                        except Exception as exc:
+                        except BaseException as caught:
+                            if (exc := _handler_failure(caught)) is None:
+                                raise
                             elapsed = clock() - start
                             stats = route.stats
                             stats.buckets[bisect_left(bounds, elapsed)] += 1
@@ -1208,19 +1300,18 @@ class Worker:
                 stats.observe(time.perf_counter() - start)
                 stats.failed += 1
                 return await self._dead_letter(msg, state, sub, exc, prior + attempt, "rejected")
-            except Exception as exc:
-                span.end(exc)
+            except BaseException as caught:
+                span.end(caught)
+                if (failure := _handler_failure(caught)) is None:
+                    raise
                 stats.observe(time.perf_counter() - start)
                 stats.failed += 1
-                error = exc
-                self._log_failure(topic, partition, offset, prior + attempt, exc)
+                error = failure
+                self._log_failure(topic, partition, offset, prior + attempt, failure)
                 if attempt < policy.attempts:
                     self.metrics.retried.labels(self.group, sub.topic, "inplace").inc()
                     await asyncio.sleep(policy.backoff_for(attempt))
                 continue
-            except BaseException as exc:
-                span.end(exc)
-                raise
             span.end(None)
             stats.observe(time.perf_counter() - start)
             stats.processed += 1
@@ -1351,6 +1442,26 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _handler_failure(exc: BaseException) -> Exception | None:
+    """How an exception out of a handler counts: an ``Exception`` is a failure; so is a
+    ``CancelledError`` while this task is not being cancelled (the handler awaited
+    something cancelled elsewhere), as a :class:`HandlerCancelled`; ``None``: not the
+    handler's failure (the runner itself is cancelled, ``KeyboardInterrupt``), re-raise.
+    """
+    if isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and not task.cancelling():
+            failure = HandlerCancelled(
+                "the handler raised CancelledError without being cancelled "
+                f"(it awaited something cancelled elsewhere): {exc!r}"
+            )
+            failure.__cause__ = exc
+            return failure
+    return None
 
 
 #: marks a value the codec could not decode (the full path dead-letters the message)
