@@ -260,9 +260,12 @@ class Hedge:
         # Attempt 0 runs inline in the caller's task: a call answered before the
         # delay costs one timer, no task. A hedge that answers first cancels the
         # inline attempt (the transport then forgets its reply) and hands over.
-        run = _Run(ctx, call_next, self._delays[ctx.method], asyncio.current_task())
+        # One running-loop look-up per call: CPython 3.11 makes it a getpid() system
+        # call, and current_task() without the loop would make a second one.
+        loop = asyncio.get_running_loop()
+        run = _Run(ctx, call_next, self._delays[ctx.method], asyncio.current_task(loop))
         if self.policy.max_extra > 0:
-            run.timer = asyncio.get_running_loop().call_later(run.delay, self._fire, run)
+            run.timer = loop.call_later(run.delay, self._fire, run)
         try:
             try:
                 result = await call_next(ctx)
