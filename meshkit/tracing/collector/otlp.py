@@ -34,6 +34,18 @@ _ZERO16 = bytes(16)
 _ZERO8 = bytes(8)
 
 
+def _ids_valid(trace_id: bytes, span_id: bytes, parent_id: bytes) -> bool:
+    """Binary ids of the right sizes, trace and span ids not all zero, parent optional
+    (their ``.hex()`` is then valid lower-case hex: only sizes and zeros to check)."""
+    return (
+        len(trace_id) == 16
+        and len(span_id) == 8
+        and trace_id != _ZERO16
+        and span_id != _ZERO8
+        and (not parent_id or len(parent_id) == 8)
+    )
+
+
 class OtlpError(ValueError):
     """The request body is not an OTLP trace export request."""
 
@@ -238,14 +250,7 @@ def _decode_wire(body: bytes) -> Decoded:
                 raw_trace, raw_span, raw_parent, name, kind, start, end = w[:7]
                 trace_id, span_id = raw_trace.hex(), raw_span.hex()
                 parent_id = raw_parent.hex()
-                # bytes.hex() gives lower-case hex digits: only sizes and zeros to check
-                if (
-                    len(raw_trace) == 16
-                    and len(raw_span) == 8
-                    and raw_trace != _ZERO16
-                    and raw_span != _ZERO8
-                    and (not raw_parent or len(raw_parent) == 8)
-                ):
+                if _ids_valid(raw_trace, raw_span, raw_parent):
                     problem = None
                 else:
                     problem = _check_ids(trace_id, span_id, parent_id)
@@ -304,14 +309,7 @@ def _decode_generated(body: bytes) -> Decoded:
             for i, span in enumerate(scope_spans.spans):
                 raw_trace, raw_span = span.trace_id, span.span_id
                 raw_parent = span.parent_span_id
-                # bytes.hex() gives lower-case hex digits: only sizes and zeros to check
-                if (
-                    len(raw_trace) == 16
-                    and len(raw_span) == 8
-                    and raw_trace != _ZERO16
-                    and raw_span != _ZERO8
-                    and (not raw_parent or len(raw_parent) == 8)
-                ):
+                if _ids_valid(raw_trace, raw_span, raw_parent):
                     trace_id, span_id = raw_trace.hex(), raw_span.hex()
                     parent_id = raw_parent.hex()
                     problem = None
