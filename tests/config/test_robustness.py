@@ -5,10 +5,12 @@ version is applied."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import sys
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -224,43 +226,52 @@ select.select([sys.stdin], [], [], 15)  # hold until told (at most 15 s: a froze
 """
 
 
-async def test_local_store_lock_held_elsewhere_does_not_freeze_the_loop(tmp_path: Path) -> None:
-    directory = tmp_path / "config"
-    store = store_from_url(f"local://{directory}")
-    await store.set_key("echo", "n", 1)
+@contextlib.asynccontextmanager
+async def _lock_held(path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Another process holding the store's lock until its stdin is written or closed."""
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _HOLD_LOCK,
-        str(directory / ".lock"),
+        str(path),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
     assert holder.stdin is not None and holder.stdout is not None
     try:
         assert await holder.stdout.readline() == b"locked\n"
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        reader = asyncio.create_task(store.state("echo"))
-        # The loop keeps running while the read waits for the other process's lock.
-        await wait_until(lambda: ticks >= 20, "the event loop running during the wait")
-        assert not reader.done() and holder.returncode is None
-        holder.stdin.write(b"release\n")
-        await holder.stdin.drain()
-        state = await reader
-        assert state.current is not None and state.current.values == {"n": 1}
-        ticker.cancel()
+        yield holder
     finally:
         if holder.returncode is None:
             holder.stdin.close()
         await holder.wait()
+
+
+async def test_local_store_lock_held_elsewhere_does_not_freeze_the_loop(tmp_path: Path) -> None:
+    directory = tmp_path / "config"
+    store = store_from_url(f"local://{directory}")
+    await store.set_key("echo", "n", 1)
+    try:
+        async with _lock_held(directory / ".lock") as holder:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            reader = asyncio.create_task(store.state("echo"))
+            # The loop keeps running while the read waits for the other process's lock.
+            await wait_until(lambda: ticks >= 20, "the event loop running during the wait")
+            assert not reader.done() and holder.returncode is None
+            holder.stdin.write(b"release\n")
+            await holder.stdin.drain()
+            state = await reader
+            assert state.current is not None and state.current.values == {"n": 1}
+            ticker.cancel()
+    finally:
         await store.close()
 
 
@@ -268,26 +279,14 @@ async def test_local_store_lock_wait_is_bounded(tmp_path: Path) -> None:
     directory = tmp_path / "config"
     store = store_from_url(f"local://{directory}?lock_timeout=0.2")
     await store.set_key("echo", "n", 1)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HOLD_LOCK,
-        str(directory / ".lock"),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert holder.stdin is not None and holder.stdout is not None
     try:
-        assert await holder.stdout.readline() == b"locked\n"
-        with pytest.raises(Unavailable, match=r"locked by another process for more than 0\.2s"):
-            await store.set_key("echo", "n", 2)
-        holder.stdin.close()
-        await holder.wait()
-        assert (await store.set_key("echo", "n", 2)).version == 2  # nothing was lost
-    finally:
-        if holder.returncode is None:
+        async with _lock_held(directory / ".lock") as holder:
+            with pytest.raises(Unavailable, match=r"locked by another process for more than 0\.2s"):
+                await store.set_key("echo", "n", 2)
             holder.stdin.close()
-        await holder.wait()
+            await holder.wait()
+            assert (await store.set_key("echo", "n", 2)).version == 2  # nothing was lost
+    finally:
         await store.close()
     with pytest.raises(ConfigError, match="expected lock_timeout"):
         store_from_url(f"local://{directory}?lock_timeout=0")
