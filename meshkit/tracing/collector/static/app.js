@@ -168,6 +168,31 @@
     }
     for (const list of children.values()) list.sort((a, b) => a.start_us - b.start_us);
     roots.sort((a, b) => a.start_us - b.start_us);
+    // Parents that form a cycle (a broken or hostile exporter) leave spans no root
+    // reaches: the earliest unreached span becomes a root, cut from its parent.
+    const reached = new Set();
+    const reach = (root) => {
+      const stack = [root];
+      while (stack.length) {
+        const span = stack.pop();
+        if (reached.has(span.span_id)) continue;
+        reached.add(span.span_id);
+        for (const kid of children.get(span.span_id) || []) stack.push(kid);
+      }
+    };
+    roots.forEach(reach);
+    if (reached.size < byId.size) {
+      const unreached = spans.filter((s) => !reached.has(s.span_id));
+      unreached.sort((a, b) => a.start_us - b.start_us);
+      for (const span of unreached) {
+        if (reached.has(span.span_id)) continue;
+        const siblings = children.get(span.parent_id);
+        siblings.splice(siblings.indexOf(span), 1);
+        roots.push(span);
+        reach(span);
+      }
+      roots.sort((a, b) => a.start_us - b.start_us);
+    }
     return { byId, children, roots };
   }
 
