@@ -44,7 +44,7 @@ from typing import Any
 import structlog
 
 from ..errors import ConfigError, InvalidArgument, Unavailable
-from .kv import KV, Compacted, Delete, Event, Put
+from .kv import KV, Compacted, Delete, Entry, Event, Put
 
 __all__ = [
     "SHARED",
@@ -366,6 +366,38 @@ class ConfigStore:
             gray = _parse(f"{ns}/head/gray", raw, GrayRelease.from_json)
         return NamespaceState(ns, current, gray, revision)
 
+    def _publish_state(
+        self,
+        ns: str,
+        entries: Mapping[str, Entry],
+        revision: int,
+        seq: Entry | None,
+        whole: bool,
+    ) -> NamespaceState:
+        """The state a publish builds on. An unreadable current head record (a bad hand
+        edit, a buggy or newer tool) refuses a publish that changes the current values,
+        saying how to repair it; one of a whole document writes over it."""
+        cur_key = f"{ns}/head/current"
+        head = {k: e.value for k, e in entries.items()}
+        try:
+            return self._state(ns, head, revision)
+        except MalformedRecord as exc:
+            # Without the current record: raises again if the gray record is the bad one.
+            state = self._state(ns, {k: v for k, v in head.items() if k != cur_key}, revision)
+            if whole:
+                _log.warning("writing over a malformed config head record", key=cur_key)
+                return state
+            last = int(seq.value) if seq is not None and seq.value.isdigit() else 0
+            hint = (
+                f"`meshkit config rollback {ns} {last}` republishes the last version"
+                if last
+                else f"`meshkit config replace {ns} FILE` publishes a whole document"
+            )
+            raise MalformedRecord(
+                f"{exc.message}; a change of single keys needs the current values: {hint} "
+                "over it (the history is intact: `meshkit config history`)"
+            ) from None
+
     async def history(self, namespace: str) -> list[Version]:
         """Every version of ``namespace``, oldest first."""
         ns = validate_namespace(namespace)
@@ -401,19 +433,23 @@ class ConfigStore:
         kind: str = "set",
         source: int | None = None,
         gray: Selector | None = None,
+        whole: bool = False,
     ) -> Version:
         """Publish ``change(values of current)`` as a new version (or as a gray release).
 
         ``change`` may be called again if another publisher wins the race; it should be a
         pure function of its argument. Refused (:class:`~meshkit.errors.ConfigError`) while
-        a gray release is in progress and when nothing would change.
+        a gray release is in progress and when nothing would change. ``whole``: ``change``
+        ignores the current values (a whole document, as :meth:`replace` and
+        :meth:`rollback` publish); an unreadable current head record is then written
+        over, which is how it is repaired, instead of refusing the publish.
         """
         ns = validate_namespace(namespace)
         author = author or default_author()
         for _ in range(_RETRIES):
             head = await self.kv.scan(f"{ns}/head/")
             seq_entry = await self.kv.get(f"{ns}/seq")
-            state = self._state(ns, {k: e.value for k, e in head.entries.items()}, head.revision)
+            state = self._publish_state(ns, head.entries, head.revision, seq_entry, whole)
             if state.gray is not None:
                 raise ConfigError(
                     f"a gray release of {ns!r} version {state.gray.version.version} is in "
@@ -474,7 +510,7 @@ class ConfigStore:
     async def replace(self, namespace: str, values: Mapping[str, Any], **kwargs: Any) -> Version:
         """Publish ``values`` as the whole document."""
         kwargs.setdefault("kind", "replace")
-        return await self.publish(namespace, lambda _v: values, **kwargs)
+        return await self.publish(namespace, lambda _v: values, whole=True, **kwargs)
 
     async def rollback(self, namespace: str, number: int, **kwargs: Any) -> Version:
         """Republish the values of version ``number`` as a new version."""
@@ -482,7 +518,7 @@ class ConfigStore:
         if not kwargs.get("message"):
             kwargs["message"] = f"rollback to version {number}"
         return await self.publish(
-            namespace, lambda _v: old.values, kind="rollback", source=number, **kwargs
+            namespace, lambda _v: old.values, kind="rollback", source=number, whole=True, **kwargs
         )
 
     async def gray_publish(

@@ -415,3 +415,33 @@ async def _until(read: Any, expected: Any) -> None:
             return
         await asyncio.sleep(0.02)
     pytest.fail(f"timed out waiting for {expected!r}")
+
+
+def test_a_malformed_head_record_is_repaired_with_meshkit_config(local_url: str) -> None:
+    """A bad hand edit of the current head record: `set` (which builds on the current
+    values) refuses and says how to repair it; `rollback` writes a new version over it,
+    after which `set` works again and the history is whole."""
+    assert run(local_url, "set", "echo", "limit", "5").exit_code == 0
+    assert run(local_url, "set", "echo", "greeting", "hi", "--string").exit_code == 0
+
+    async def break_head() -> None:
+        from meshkit.config.kv import Put
+
+        store = store_from_url(local_url)
+        try:
+            await store.kv.txn([], [Put("echo/head/current", "{not json")])
+        finally:
+            await store.close()
+
+    asyncio.run(break_head())
+    r = run(local_url, "set", "echo", "limit", "6")
+    assert r.exit_code != 0
+    assert "echo/head/current is not valid JSON" in r.output
+    assert "meshkit config rollback echo 2" in r.output
+    r = run(local_url, "rollback", "echo", "2")
+    assert r.exit_code == 0, r.output
+    assert "version 3" in r.output
+    assert run(local_url, "set", "echo", "limit", "6").exit_code == 0
+    r = run(local_url, "get", "echo")
+    assert json.loads(r.output) == {"limit": 6, "greeting": "hi"}
+    assert len(run(local_url, "history", "echo").output.splitlines()) == 4
