@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import structlog
 from echo_support import ROOT, EchoImpl, echo_thrift
-from etcd_server import free_port
+from etcd_server import EtcdServer, free_port
 from prometheus_client import CollectorRegistry
 from waiting import finishes_within, wait_until
 
@@ -36,6 +36,7 @@ from meshkit.logs import configure_logging
 from meshkit.mq.runtime import MqRuntime
 from meshkit.mq.url import bootstrap_servers
 from meshkit.registry import Instance, LocalRegistry, registry_from_url
+from meshkit.registry.etcd import EtcdRegistry
 from meshkit.settings import Settings
 
 ECHO_IDL = ROOT / "examples" / "echo" / "echo.thrift"
@@ -88,6 +89,14 @@ class _FailsAfterRegistering(LocalRegistry):
     async def register(self, instance: Instance) -> None:
         await super().register(instance)
         raise Unavailable("injected: the registry failed after the record was written")
+
+
+class _EtcdFailsAfterRegistering(EtcdRegistry):
+    """The etcd record and lease are written, then the start fails."""
+
+    async def register(self, instance: Instance) -> None:
+        await super().register(instance)
+        raise Unavailable("injected: failed after the lease was granted")
 
 
 class _BlocksInRegister(LocalRegistry):
@@ -174,6 +183,18 @@ async def test_failed_start_after_registering_deregisters_and_closes_everything(
     assert not _accepts(svc.health.port), "the health endpoint still answers"
     left = {t.get_name() for t in asyncio.all_tasks() - before if t is not asyncio.current_task()}
     assert left == set(), f"tasks left running: {left}"
+
+
+async def test_failed_start_revokes_the_etcd_registration(etcd: EtcdServer) -> None:
+    prefix = "/meshkit-test/failed-start"
+    svc = _service(_EtcdFailsAfterRegistering.from_url(f"{etcd.url}?prefix={prefix}&ttl=30"))
+    with pytest.raises(Unavailable, match="injected"):
+        await svc.start()
+    reg = registry_from_url(f"{etcd.url}?prefix={prefix}")
+    try:
+        assert await reg.resolve("probe") == []  # deleted at once, not after the 30 s TTL
+    finally:
+        await reg.close()
 
 
 async def test_worker_that_cannot_start_is_never_registered(
