@@ -238,7 +238,9 @@ def run(
     """Serve the Service at MODULE:ATTR (or PATH.py:ATTR) until SIGTERM/SIGINT.
 
     ATTR is a meshkit.Service or a zero-argument factory returning one. The service
-    serves RPC and health, registers, and on SIGTERM or Ctrl-C drains and exits 0.
+    serves RPC and health, registers, and on SIGTERM or Ctrl-C drains and exits 0 (1 when
+    calls were cut off by MESHKIT_DRAIN_TIMEOUT or a second signal, or the stop came before
+    the start completed). A second SIGTERM/Ctrl-C during the drain stops at once.
     """
     from .errors import MeshkitError
 
@@ -282,6 +284,14 @@ def run(
 
 
 # -- meshkit call --------------------------------------------------------------------------
+
+
+def _finite(value: float, param: click.Parameter) -> float:
+    """Refuse ``nan`` and ``inf`` (``FloatRange`` lets both through) as a usage error."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"expected a finite number of seconds, found {value}", param=param)
+    return value
+
 
 # thriftpy2 type ids (thriftpy2.thrift.TType), as found in ``thrift_spec`` entries.
 _BOOL, _BYTE, _DOUBLE, _I16, _I32, _I64, _STRING = 2, 3, 4, 6, 8, 10, 11
@@ -659,6 +669,7 @@ async def _do_call(
     type=click.FloatRange(min=0, min_open=True),
     default=5.0,
     show_default=True,
+    callback=lambda ctx, param, value: _finite(value, param),
     help="Seconds the call may take.",
 )
 @click.option(

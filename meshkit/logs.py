@@ -22,7 +22,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .errors import ConfigError
 
-__all__ = ["LEVEL_ENV", "configure_logging"]
+__all__ = ["LEVEL_ENV", "bind_identity", "configure_logging"]
 
 LEVEL_ENV = "MESHKIT_LOG_LEVEL"
 """Environment variable read for the level when ``configure_logging`` gets none."""
@@ -57,6 +57,20 @@ def _add_logger_name(logger: WrappedLogger, method_name: str, event_dict: EventD
     return event_dict
 
 
+#: The identity fields of the current configuration; :func:`bind_identity` updates them.
+_identity: dict[str, str] = {}
+
+
+def bind_identity(*, service: str | None = None, instance: str | None = None) -> None:
+    """Add ``service``/``instance`` to every later line of this process (standard library
+    records included), e.g. once the instance id is known. Applies to the current
+    configuration; :func:`configure_logging` starts a new one from its own arguments.
+    """
+    for key, value in (("service", service), ("instance", instance)):
+        if value is not None:
+            _identity[key] = value
+
+
 def _identity_processor(fields: dict[str, str]) -> Processor:
     def add_identity(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         for key, value in fields.items():
@@ -67,8 +81,10 @@ def _identity_processor(fields: dict[str, str]) -> Processor:
 
 
 def _resolve_level(level: str | int | None) -> int:
+    source = "the log level"
     if level is None:
         level = os.environ.get(LEVEL_ENV) or "INFO"
+        source = LEVEL_ENV
     if isinstance(level, int):
         return level
     text = level.strip()
@@ -79,7 +95,7 @@ def _resolve_level(level: str | int | None) -> int:
         return names[text.upper()]
     except KeyError:
         expected = "DEBUG, INFO, WARNING, ERROR, CRITICAL or a number"
-        raise ConfigError(f"log level: expected {expected}, got {level!r}") from None
+        raise ConfigError(f"expected {source} to be {expected}, found {level!r}") from None
 
 
 def configure_logging(
@@ -112,11 +128,13 @@ def configure_logging(
     if json is None:
         json = not tty
 
+    global _identity
     identity = {
         key: value
         for key, value in (("service", service), ("instance", instance))
         if value is not None
     }
+    _identity = identity
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _add_logger_name,
@@ -134,7 +152,10 @@ def configure_logging(
         )
         final = [tracebacks, renderer]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=tty)
+        # Never frame locals on a terminal either (rich's default shows them): secrets.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=tty, exception_formatter=_console_tracebacks()
+        )
         final = [renderer]
     extra = list(processors)
 
@@ -158,3 +179,12 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(levelno)
+
+
+def _console_tracebacks() -> structlog.typing.ExceptionRenderer:
+    """Rich tracebacks without locals when ``rich`` is installed, else plain ones."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)

@@ -9,17 +9,18 @@
         async def echo(self, message):
             return message
 
-    svc.run()   # serve RPC + health, register, drain on SIGTERM/SIGINT, exit 0
+    svc.run()   # serve RPC + health, register, drain on SIGTERM/SIGINT
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -33,6 +34,7 @@ from .config.manager import DEFAULT as _CONFIG_DEFAULT
 from .config.store import ConfigStore
 from .errors import ConfigError
 from .health import HealthServer, HealthState, LoopMonitor, Phase
+from .logs import bind_identity
 from .registry import Instance, Registry, new_instance_id, registry_from_url
 from .rpc.pipeline import Middleware
 from .rpc.server import RpcServer
@@ -122,9 +124,18 @@ class Service:
         self.loop_monitor: LoopMonitor | None = None
         self.started_at = time.time()
         self._stop_requested: asyncio.Event | None = None
+        self._force_stop = asyncio.Event()  # a second signal: stop draining now
+        self._signalled = False
         self._stopped = False
+        self._registering = False  # register() was called: stop() must deregister
+        self._bind_log_identity = False  # run() configured this process's logging
+        #: Whether the last :meth:`serve` ran its whole course: started, then drained with
+        #: every call finished. :meth:`run` exits non-zero when it did not.
+        self.clean_exit = True
         self._owns_registry = False
         self._clients: list[Client] = []
+        if isinstance(registry, Registry):
+            self.registry = registry
         # -- live configuration (meshkit.config) ----------------------------------------
         #: The service's settings: ``svc.config.value``, ``@svc.config.on_change``.
         self.config: ServiceConfig[Any]
@@ -158,9 +169,15 @@ class Service:
         return implementation
 
     def client(self, service: Any, name: str, **options: Any) -> Client:
-        """A client for another service, discovering through this service's registry."""
-        if "addr" not in options and "registry" not in options and self.registry is not None:
-            options["registry"] = self.registry
+        """A client for another service, discovering through this service's registry.
+
+        Usable before :meth:`start` (e.g. at module level): the registry object is built
+        then (building one opens no connection) and :meth:`start` registers in that same one.
+        """
+        if "addr" not in options and "registry" not in options:
+            registry = self._get_registry(self.settings)
+            if registry is not None:
+                options["registry"] = registry
         options.setdefault("caller", self.name)
         client = Client(service, name, **options)
         self._clients.append(client)
@@ -200,6 +217,17 @@ class Service:
 
     # -- lifecycle -----------------------------------------------------------
 
+    def _get_registry(self, settings: Settings) -> Registry | None:
+        """The service's registry object, built once from the argument or settings."""
+        if self.registry is None and self._registry_arg is not None:
+            if isinstance(self._registry_arg, Registry):
+                self.registry = self._registry_arg
+            else:
+                url = None if self._registry_arg is DEFAULT else self._registry_arg
+                self.registry = registry_from_url(url or settings.registry or None)
+                self._owns_registry = True
+        return self.registry
+
     @property
     def port(self) -> int:
         if self.server is None:
@@ -232,18 +260,25 @@ class Service:
         if advertise in ("0.0.0.0", "::", ""):
             advertise = "127.0.0.1"
         instance_id = new_instance_id(self.name, advertise)
-        # Settings are loaded before the first call can arrive (a ConfigError fails the start).
-        await self.config.start(instance_id, {**self.tags, "version": self.version})
-        self._config_started = True
+        if self._bind_log_identity:
+            bind_identity(service=self.name, instance=instance_id)  # every line from here on
         try:
+            # Settings are loaded before the first call can arrive (a ConfigError fails the
+            # start).
+            self._config_started = True
+            await self.config.start(instance_id, {**self.tags, "version": self.version})
             if self.service is None:
                 await self._start_without_rpc(settings)
             else:
                 await self._start_serving(settings, advertise, instance_id)
-        except BaseException:
-            self._config_started = False
-            with contextlib.suppress(Exception):
-                await self.config.stop()  # no watcher left behind by a failed start
+        except BaseException as exc:
+            # Nothing started stays behind: no registration, listener, watcher or task.
+            log.error(
+                "start failed, stopping what was started",
+                service=self.name,
+                error=str(exc) or type(exc).__name__,
+            )
+            await asyncio.shield(self.stop(drain_timeout=0))
             raise
 
     async def _start_serving(self, settings: Settings, advertise: str, instance_id: str) -> None:
@@ -260,46 +295,40 @@ class Service:
         )
         self.loop_monitor = LoopMonitor(service=self.name, registry=self.metrics_registry)
         self.loop_monitor.start()
-        self.health = HealthServer(
-            host=settings.health_host or settings.host,
-            port=settings.health_port,
-            state=self.state,
-            registry=self.metrics_registry,
-            info=self.info,
-            loop_monitor=self.loop_monitor,
+        await _listen(
+            "RPC",
+            f"{settings.host}:{settings.port}",
+            "MESHKIT_HOST / --host, MESHKIT_PORT / --port",
+            self.server.start(settings.host, settings.port),
         )
-        await self.server.start(settings.host, settings.port)
-        await self.health.start()
+        health = await self._start_health(settings)
         self.instance = Instance(
             service=self.name,
             instance_id=instance_id,
             host=advertise,
             port=self.server.port,
-            health_port=self.health.port,
+            health_port=health.port,
             version=self.version,
             weight=self.weight,
             tags=self.tags,
             start_time=self.started_at,
         )
         tracing_identity(service=self.name, instance=self.instance.instance_id)  # tracing
-        self.state.set_phase(Phase.SERVING)
-        if self._registry_arg is not None:
-            if isinstance(self._registry_arg, Registry):
-                self.registry = self._registry_arg
-            else:
-                url = None if self._registry_arg is DEFAULT else self._registry_arg
-                self.registry = registry_from_url(url or settings.registry or None)
-                self._owns_registry = True
-            await self.registry.register(self.instance)
-            self.state.set_registered(True)
+        # Workers first: the instance is discoverable and ready only once all of it runs.
         if self._mq is not None and self._mq.has_subscriptions:
             await self._mq.start()
+        registry = self._get_registry(settings)
+        if registry is not None:
+            self._registering = True
+            await registry.register(self.instance)
+            self.state.set_registered(True)
+        self.state.set_phase(Phase.SERVING)
         log.info(
             "service started",
             service=self.name,
             version=self.version,
             rpc=f"{settings.host}:{self.server.port}",
-            health=self.health.url,
+            health=health.url,
             registry=getattr(self.registry, "url", None),
             instance=self.instance.instance_id,
             pipeline=self.server.pipeline.describe(),
@@ -310,15 +339,7 @@ class Service:
         self.state.requires_registration = False
         self.loop_monitor = LoopMonitor(service=self.name, registry=self.metrics_registry)
         self.loop_monitor.start()
-        self.health = HealthServer(
-            host=settings.health_host or settings.host,
-            port=settings.health_port,
-            state=self.state,
-            registry=self.metrics_registry,
-            info=self.info,
-            loop_monitor=self.loop_monitor,
-        )
-        await self.health.start()
+        health = await self._start_health(settings)
         if self._mq is not None and self._mq.has_subscriptions:
             await self._mq.start()
         self.state.set_phase(Phase.SERVING)
@@ -326,93 +347,188 @@ class Service:
             "service started",
             service=self.name,
             version=self.version,
-            health=self.health.url,
+            health=health.url,
             rpc=None,
             workers=[w.group for w in self._mq.workers] if self._mq is not None else [],
         )
 
+    async def _start_health(self, settings: Settings) -> HealthServer:
+        self.health = health = HealthServer(
+            host=settings.health_host or settings.host,
+            port=settings.health_port,
+            state=self.state,
+            registry=self.metrics_registry,
+            info=self.info,
+            loop_monitor=self.loop_monitor,
+        )
+        await _listen(
+            "health",
+            f"{settings.health_host or settings.host}:{settings.health_port}",
+            "MESHKIT_HEALTH_HOST (else MESHKIT_HOST / --host), MESHKIT_HEALTH_PORT / --health-port",
+            health.start(),
+        )
+        return health
+
     async def stop(self, drain_timeout: float | None = None) -> bool:
         """Drain and stop: not ready → deregister → finish calls in flight → close.
 
-        Returns ``True`` when every call in flight finished within the drain timeout.
+        Returns ``True`` when every call in flight finished within the drain timeout (and
+        no forced stop, :meth:`request_stop` with ``force=True``, cut the drain short).
+        Every step runs even when an earlier one fails (the failure is logged).
         """
         if self._stopped:
             return True
         self._stopped = True
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        if not math.isfinite(timeout) or timeout < 0:
+            log.warning("invalid drain timeout, not waiting", service=self.name, timeout=timeout)
+            timeout = 0.0
         self.state.set_phase(Phase.DRAINING)
-        if self.registry is not None and self.instance is not None:
-            try:
-                await self.registry.deregister(self.instance)
-            except Exception as exc:
-                log.warning("deregistration failed", service=self.name, error=str(exc))
+        if self.registry is not None and self.instance is not None and self._registering:
+            self._registering = False
+            await self._step("deregistration failed", self.registry.deregister(self.instance))
             self.state.set_registered(False)
         finished = True
         # RPC calls and MQ messages in flight drain together; the publisher flushes after
         # both, since handlers of either kind may publish.
-        workers_drained: asyncio.Task[bool] | None = None
+        drains: list[asyncio.Task[bool]] = []
         if self._mq is not None and self._mq.workers:
-            workers_drained = asyncio.create_task(self._mq.drain(timeout))
+            drains.append(asyncio.create_task(self._mq.drain(timeout)))
+        in_flight = self.server.in_flight if self.server is not None else 0
         if self.server is not None:
-            in_flight = self.server.in_flight
-            finished = await self.server.drain(timeout)
+            drains.append(asyncio.create_task(self.server.drain(timeout)))
+        if drains:
+            finished = await self._await_drains(drains)
+        if self.server is not None:
             log.info(
                 "service drained",
                 service=self.name,
                 calls_in_flight_at_stop=in_flight,
                 finished=finished,
             )
-        if workers_drained is not None:
-            finished = await workers_drained and finished
         if self._mq is not None:
-            await self._mq.close(timeout)
+            await self._step("closing the publisher failed", self._mq.close(timeout))
         self.state.set_phase(Phase.STOPPED)
         for client in self._clients:
-            try:
-                await client.close()
-            except Exception as exc:
-                log.warning("closing a client failed", service=self.name, error=str(exc))
+            await self._step("closing a client failed", client.close())
         if self._config_started:
             self._config_started = False
-            try:
-                await self.config.stop()
-            except Exception as exc:
-                log.warning("stopping the config watcher failed", service=self.name, error=str(exc))
+            await self._step("stopping the config watcher failed", self.config.stop())
         if self.health is not None:
-            await self.health.stop()
+            await self._step("stopping the health endpoint failed", self.health.stop())
         # tracing: export the spans of the last calls before the process goes away.
-        await asyncio.get_running_loop().run_in_executor(None, flush_traces)
+        loop = asyncio.get_running_loop()
+        await self._step("flushing traces failed", loop.run_in_executor(None, flush_traces))
         if self.loop_monitor is not None:
-            await self.loop_monitor.stop()
+            await self._step("stopping the loop monitor failed", self.loop_monitor.stop())
         if self.registry is not None and self._owns_registry:
-            await self.registry.close()
+            await self._step("closing the registry failed", self.registry.close())
         return finished
 
-    def request_stop(self) -> None:
-        """Ask :meth:`serve` to drain and return (safe from signal handlers)."""
+    async def _await_drains(self, drains: list[asyncio.Task[bool]]) -> bool:
+        """Wait for the drains, or until a forced stop: then cut them off (``False``)."""
+        forced = asyncio.create_task(self._force_stop.wait())
+        try:
+            await asyncio.wait({*drains, forced}, return_when=asyncio.FIRST_COMPLETED)
+            while not forced.done() and not all(d.done() for d in drains):
+                await asyncio.wait(
+                    {forced, *(d for d in drains if not d.done())},
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            forced.cancel()
+        finished = True
+        if not all(d.done() for d in drains):
+            log.warning(
+                "forced stop: calls and messages still in flight are abandoned",
+                service=self.name,
+                in_flight=self.server.in_flight if self.server is not None else 0,
+            )
+            finished = False
+            for d in drains:
+                d.cancel()
+            if self.server is not None:
+                await self._step("closing the RPC server failed", self.server.close())
+        for d in drains:
+            try:
+                finished = await d and finished
+            except asyncio.CancelledError:
+                finished = False
+            except Exception as exc:
+                finished = False
+                log.warning("draining failed", service=self.name, error=str(exc))
+        return finished
+
+    async def _step(self, what: str, step: Awaitable[Any]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.warning(what, service=self.name, error=str(exc) or type(exc).__name__)
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask :meth:`serve` to drain and return (safe from signal handlers).
+
+        ``force=True`` (a second SIGTERM/SIGINT) also cuts a drain under way short: calls
+        still running are cancelled and :meth:`stop` returns ``False``.
+        """
+        if force:
+            self._force_stop.set()
         if self._stop_requested is not None:
             self._stop_requested.set()
 
     async def serve(
         self, host: str | None = None, port: int | None = None, health_port: int | None = None
     ) -> None:
-        """Start, run until :meth:`request_stop` (or cancellation), then drain and stop."""
-        self._stop_requested = asyncio.Event()
-        await self.start(host, port, health_port)
+        """Start, run until :meth:`request_stop` (or cancellation), then drain and stop.
+
+        A stop requested while starting abandons the start (everything started is stopped
+        and deregistered) and returns; :attr:`clean_exit` is then ``False``, as it is when
+        the drain did not finish every call.
+        """
+        if self._stop_requested is None or self._stop_requested.is_set():
+            self._stop_requested = asyncio.Event()
+        self.clean_exit = False
+        starting = asyncio.create_task(self.start(host, port, health_port))
+        stop_wait = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting  # start() undoes itself when cancelled
+            raise
+        finally:
+            stop_wait.cancel()
+        if not starting.done():
+            log.warning("stop requested while starting: start abandoned", service=self.name)
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # a failed start raises here (it has undone itself)
         try:
             await self._stop_requested.wait()
         finally:
-            await asyncio.shield(self.stop())
+            self.clean_exit = await asyncio.shield(self.stop())
 
     def run(self) -> None:
         """Serve in the foreground until SIGTERM or SIGINT, then drain and return.
 
         Uses uvloop when installed and configures logging from ``MESHKIT_LOG_LEVEL``.
+        A second signal during the drain stops at once. Exits the process with status 1
+        (``SystemExit``) when the service did not stop cleanly: calls cut off by the drain
+        timeout or a second signal, or a stop requested before the start completed.
         """
         from .logs import configure_logging
 
         configure_logging(service=self.name, processors=[add_trace_context])
+        self._bind_log_identity = True
         _loop.run(self._run_with_signals())
+        if not self.clean_exit:
+            log.warning(
+                "exiting with status 1: the service did not stop cleanly", service=self.name
+            )
+            raise SystemExit(1)
 
     async def _run_with_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -428,6 +544,15 @@ class Service:
                     loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self._signalled:
+            log.warning(
+                "second signal received, stopping now (calls in flight are cancelled)",
+                service=self.name,
+                signal=sig.name,
+            )
+            self.request_stop(force=True)
+            return
+        self._signalled = True
         log.info("signal received, draining", service=self.name, signal=sig.name)
         self.request_stop()
 
@@ -464,3 +589,14 @@ class Service:
             "config": self.config.info() if self._config_started else None,
             "mq": self._mq.info() if self._mq is not None else None,
         }
+
+
+async def _listen(listener: str, address: str, settings: str, start: Awaitable[None]) -> None:
+    """Await ``start``; a bind failure names the listener, its address and its settings."""
+    try:
+        await start
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot listen for {listener} on {address} (set by {settings}): {exc.strerror or exc}",
+        ) from exc

@@ -5,6 +5,7 @@ Precedence: explicit arguments > environment > defaults.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -50,18 +51,46 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the variable (and argument) of a bad value."""
         for name in ("port", "health_port"):
             value = getattr(self, name)
             if not 0 <= value < 65536:
-                raise ConfigError(f"expected {name} between 0 and 65535, found {value}")
-        if self.drain_timeout < 0:
-            raise ConfigError(f"expected drain_timeout ≥ 0 s, found {self.drain_timeout}")
+                raise ConfigError(
+                    f"expected the {_LABELS[name]} between 0 and 65535 ({_where(name)}), "
+                    f"found {value}"
+                )
+        # nan passes every comparison and inf overflows the drain's deadline: both refused.
+        if not math.isfinite(self.drain_timeout) or self.drain_timeout < 0:
+            raise ConfigError(
+                f"expected the drain timeout to be a finite number of seconds ≥ 0 "
+                f"({_where('drain_timeout')}), found {self.drain_timeout}"
+            )
         if self.concurrency not in ("fixed", "adaptive"):
             raise ConfigError(
                 f"expected MESHKIT_CONCURRENCY 'fixed' or 'adaptive', found {self.concurrency!r}"
             )
         if self.max_concurrency < 1:
-            raise ConfigError(f"expected max_concurrency ≥ 1, found {self.max_concurrency}")
+            raise ConfigError(
+                f"expected the concurrency limit ≥ 1 ({_where('max_concurrency')}), "
+                f"found {self.max_concurrency}"
+            )
+
+
+_LABELS = {
+    "port": "RPC port",
+    "health_port": "health port",
+    "drain_timeout": "drain timeout",
+    "max_concurrency": "concurrency limit",
+}
+_CLI_OPTIONS = {"port": "--port", "health_port": "--health-port"}
+
+
+def _where(name: str) -> str:
+    """Where a setting comes from: ``MESHKIT_PORT, port= or --port``."""
+    sources = [ENV_PREFIX + name.upper(), f"{name}="]
+    if name in _CLI_OPTIONS:
+        sources.append(_CLI_OPTIONS[name])
+    return ", ".join(sources[:-1]) + " or " + sources[-1]
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:

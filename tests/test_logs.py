@@ -146,7 +146,7 @@ def test_level_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_level_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"expected DEBUG, INFO.*got 'LOUD'"):
+    with pytest.raises(ConfigError, match=r"the log level to be DEBUG, INFO.*found 'LOUD'"):
         configure_logging(level="LOUD", stream=io.StringIO())
 
 

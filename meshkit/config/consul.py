@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import structlog
 
+from .._redact import redact_url
 from ..errors import ConfigError, Unavailable
 from .kv import KV, Compacted, Delete, Entry, Event, Listing, Put, validate_key, validate_prefix
 
@@ -91,10 +92,10 @@ class ConsulKV(KV):
         """``consul://host:port`` with optional ``?prefix=&token=&wait=&request_timeout=``."""
         parts = urlsplit(url)
         if parts.scheme != "consul" or not parts.netloc or "@" in parts.netloc:
-            raise ConfigError(f"expected consul://host:port, found {url.split('?')[0]!r}")
+            raise ConfigError(f"expected consul://host:port, found {redact_url(url)!r}")
         if parts.path not in ("", "/"):
             raise ConfigError(
-                f"expected consul://host:port[?prefix=…], found a path in {url.split('?')[0]!r}"
+                f"expected consul://host:port[?prefix=…], found a path in {redact_url(url)!r}"
             )
         params: dict[str, Any] = {}
         for name, values in parse_qs(parts.query, keep_blank_values=True).items():

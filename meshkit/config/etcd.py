@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from .. import _etcd as _reg
+from .._redact import redact_url
 from ..errors import ConfigError, Unavailable
 from .kv import KV, Compacted, Delete, Entry, Event, Listing, Put, validate_key, validate_prefix
 
@@ -77,13 +78,18 @@ class EtcdKV(KV):
     def from_url(cls, url: str, **options: Any) -> EtcdKV:
         """``etcd://h:p[,h:p…]`` with optional ``?prefix=&connect_timeout=&request_timeout=``."""
         parts = urlsplit(url)
+        shown = redact_url(url)
         if parts.scheme != "etcd":
-            raise ConfigError(f"expected an etcd:// config URL, found {url!r}")
-        if not parts.netloc or "@" in parts.netloc:
-            raise ConfigError(f"expected etcd://host:port[,host:port…], found {url!r}")
+            raise ConfigError(f"expected an etcd:// config URL, found {shown!r}")
+        if "@" in parts.netloc:
+            raise ConfigError(
+                f"expected etcd://host:port[,host:port…] without credentials, found {shown!r}"
+            )
+        if not parts.netloc:
+            raise ConfigError(f"expected etcd://host:port[,host:port…], found {shown!r}")
         if parts.path not in ("", "/") or parts.fragment:
             raise ConfigError(
-                f"expected etcd://host:port[,host:port…][?prefix=…], found {url!r} "
+                f"expected etcd://host:port[,host:port…][?prefix=…], found {shown!r} "
                 "(set the key prefix with ?prefix=)"
             )
         params: dict[str, Any] = {}
@@ -91,7 +97,7 @@ class EtcdKV(KV):
             if name not in _URL_PARAMS:
                 raise ConfigError(
                     f"expected etcd:// parameters {', '.join(_URL_PARAMS)}, "
-                    f"found {name!r} in {url!r}"
+                    f"found {name!r} in {shown!r}"
                 )
             if name == "prefix":
                 params[name] = values[-1]
@@ -100,7 +106,7 @@ class EtcdKV(KV):
                 params[name] = float(values[-1])
             except ValueError:
                 raise ConfigError(
-                    f"expected {name} to be a number, found {values[-1]!r} in {url!r}"
+                    f"expected {name} to be a number, found {values[-1]!r} in {shown!r}"
                 ) from None
         params.update(options)
         return cls(parts.netloc, url=url.split("?")[0], **params)

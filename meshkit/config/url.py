@@ -6,6 +6,7 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._redact import redact_url
 from ..errors import ConfigError
 from .kv import KV
 from .store import ConfigStore
@@ -22,7 +23,7 @@ def kv_from_url(url: str | None = None, **options: Any) -> KV:
     if url is None:
         url = os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_URL
     if not isinstance(url, str):
-        raise ConfigError(f"expected a config store URL string, found {url!r}")
+        raise ConfigError(f"expected a config store URL string, found {redact_url(url)!r}")
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "local":
         from .local import LocalKV
@@ -37,7 +38,8 @@ def kv_from_url(url: str | None = None, **options: Any) -> KV:
 
         return ConsulKV.from_url(url, **options)
     supported = ", ".join(f"{s}://" for s in SCHEMES)
-    raise ConfigError(f"expected a config store URL with scheme {supported}; found {url!r}")
+    shown = redact_url(url)
+    raise ConfigError(f"expected a config store URL with scheme {supported}; found {shown!r}")
 
 
 def store_from_url(url: str | None = None, **options: Any) -> ConfigStore:

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from .._redact import redact_url
 from .codec import Codec
 from .producer import Delivery, Headers, Publisher
 from .retry import RetryPolicy
@@ -138,6 +139,6 @@ class MqRuntime:
 
     def _url_or_none(self) -> str | None:
         try:
-            return self.url
+            return redact_url(self.url)
         except Exception:
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
+from .._redact import redact_url
 from .errors import ConfigError
 
 ENV = "MESHKIT_MQ"
@@ -25,8 +26,15 @@ def bootstrap_servers(url: str | None = None) -> str:
             "for development start a broker with `meshkit mq broker`"
         )
     parts = urlsplit(url)
+    shown = redact_url(url)
     if parts.scheme != "kafka":
-        raise ConfigError(f"expected a kafka://host:port URL for {ENV}, found {url!r}")
+        raise ConfigError(f"expected a kafka://host:port URL for {ENV}, found {shown!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"expected kafka://host:port[,host:port…] without credentials, found "
+            f"{shown!r}: Kafka SASL credentials belong in the librdkafka config "
+            "(sasl.username / sasl.password in the worker's or publisher's config=), not in the URL"
+        )
     hosts = []
     for item in parts.netloc.split(","):
         item = item.strip()
@@ -36,10 +44,12 @@ def bootstrap_servers(url: str | None = None) -> str:
         if not sep:
             host, port = item, str(DEFAULT_PORT)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"expected host:port with a port 1-65535 in {url!r}, found {item!r}")
+            raise ConfigError(
+                f"expected host:port with a port 1-65535 in {shown!r}, found {item!r}"
+            )
         hosts.append(f"{host}:{port}")
     if not hosts:
-        raise ConfigError(f"expected at least one host:port in {url!r}, found none")
+        raise ConfigError(f"expected at least one host:port in {shown!r}, found none")
     return ",".join(hosts)
 
 

@@ -50,6 +50,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import structlog
 
+from .._redact import redact_url
 from ..errors import ConfigError, InvalidArgument, Unavailable
 from .base import Instance, Registry, validate_service_name
 
@@ -301,12 +302,17 @@ class ConsulRegistry(Registry):
         """
         parts = urlsplit(url)
         if parts.scheme != "consul":
-            raise ConfigError(f"expected a consul:// registry URL, found {_redact_url(url)!r}")
+            raise ConfigError(f"expected a consul:// registry URL, found {redact_url(url)!r}")
         if parts.path not in ("", "/"):
             raise ConfigError(
-                f"expected consul://host:port with no path, found {_redact_url(url)!r}"
+                f"expected consul://host:port with no path, found {redact_url(url)!r}"
             )
         netloc = parts.netloc
+        if "@" in netloc:
+            raise ConfigError(
+                f"expected consul://host:port without credentials, found {redact_url(url)!r} "
+                "(pass the ACL token as ?token= or CONSUL_HTTP_TOKEN)"
+            )
         if not netloc:
             env_addr = os.environ.get("CONSUL_HTTP_ADDR", "")
             netloc = env_addr.split("://", 1)[-1].rstrip("/") or f"127.0.0.1:{DEFAULT_PORT}"
@@ -315,7 +321,7 @@ class ConsulRegistry(Registry):
             if name not in _URL_PARAMS:
                 raise ConfigError(
                     f"expected consul:// parameters {', '.join(_URL_PARAMS)}; found {name!r} "
-                    f"in {_redact_url(url)!r}"
+                    f"in {redact_url(url)!r}"
                 )
             params["datacenter" if name == "dc" else name] = values[-1]
         params.update(options)
@@ -726,10 +732,6 @@ class ConsulRegistry(Registry):
 
 def _check_id(instance_id: str) -> str:
     return f"service:{instance_id}"
-
-
-def _redact_url(url: str) -> str:
-    return re.sub(r"(?i)(token=)[^&#]*", r"\1<redacted>", url)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -58,6 +58,7 @@ from .._etcd import (
     positive,
     wait_ready,
 )
+from .._redact import redact_url
 from ..errors import ConfigError, InvalidArgument, Unavailable
 from .base import Instance, Registry, validate_instance_id, validate_service_name
 
@@ -173,25 +174,26 @@ class EtcdRegistry(Registry):
         &request_timeout=5``. Keyword ``options`` override query parameters.
         """
         parts = urlsplit(url)
+        shown = redact_url(url)
         if parts.scheme != "etcd":
-            raise ConfigError(f"expected an etcd:// registry URL, found {url!r}")
+            raise ConfigError(f"expected an etcd:// registry URL, found {shown!r}")
         if "@" in parts.netloc:
             raise ConfigError(
-                f"expected etcd://host:port[,host:port…] without credentials, found {url!r}"
+                f"expected etcd://host:port[,host:port…] without credentials, found {shown!r}"
             )
         if parts.path not in ("", "/") or parts.fragment:
             raise ConfigError(
-                f"expected etcd://host:port[,host:port…][?ttl=…&prefix=…], found {url!r} "
+                f"expected etcd://host:port[,host:port…][?ttl=…&prefix=…], found {shown!r} "
                 f"(set the key prefix with ?prefix=)"
             )
         if not parts.netloc:
-            raise ConfigError(f"expected etcd://host:port, found no endpoint in {url!r}")
+            raise ConfigError(f"expected etcd://host:port, found no endpoint in {shown!r}")
         params: dict[str, Any] = {}
         for name, values in parse_qs(parts.query, keep_blank_values=True).items():
             if name not in _URL_PARAMS:
                 raise ConfigError(
                     f"expected etcd:// parameters {', '.join(_URL_PARAMS)}, "
-                    f"found {name!r} in {url!r}"
+                    f"found {name!r} in {shown!r}"
                 )
             value = values[-1]
             if name == "prefix":
@@ -201,7 +203,7 @@ class EtcdRegistry(Registry):
                 params[name] = float(value)
             except ValueError:
                 raise ConfigError(
-                    f"expected {name} to be a number, found {value!r} in {url!r}"
+                    f"expected {name} to be a number, found {value!r} in {shown!r}"
                 ) from None
         params.update(options)
         return cls(parts.netloc, url=url, **params)

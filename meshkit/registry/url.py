@@ -6,6 +6,7 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._redact import redact_url
 from ..errors import ConfigError
 from .base import Registry
 from .local import LocalRegistry
@@ -43,4 +44,4 @@ def registry_from_url(url: str | None = None, **options: Any) -> Registry:
             ) from None
         return EtcdRegistry.from_url(url, **options)
     supported = ", ".join(f"{s}://" for s in SCHEMES)
-    raise ConfigError(f"expected a registry URL with scheme {supported}; found {url!r}")
+    raise ConfigError(f"expected a registry URL with scheme {supported}; found {redact_url(url)!r}")
