@@ -295,8 +295,13 @@ class Hedge:
                 run.task.uncancel()
             if run.timer is not None:
                 run.timer.cancel()
-            for hedge in run.tasks:
+            # another attempt answered: the ones still running lost the race (tracing
+            # records them as such, not as errors)
+            lost = ctx.extras.get("hedge_winner") is not None
+            for index, hedge in enumerate(run.tasks, 1):
                 if not hedge.done():
+                    if lost:
+                        run.ctxs[index].extras["hedge_lost"] = True
                     hedge.cancel()
 
     def _attempt0_answered(self, run: _Run) -> None:
