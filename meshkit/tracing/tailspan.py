@@ -89,7 +89,10 @@ class TailSpan(NonRecordingSpan):
                 del noted[key]  # the oldest, as the SDK's bounded attributes
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        self.set_attributes({key: value})
+        noted = self._noted().attributes
+        noted[key] = value
+        if len(noted) > MAX_NOTED:
+            del noted[next(iter(noted))]  # the oldest
 
     def add_event(
         self,
