@@ -83,17 +83,6 @@ def _make_current(span: Any, parent: Any = None) -> Any:
     return var.set(context)
 
 
-def _current_span_context() -> Any:
-    """``trace.get_current_span().get_span_context()``."""
-    if _FAST_CONTEXT is None:
-        return trace.get_current_span().get_span_context()
-    var, key = _FAST_CONTEXT
-    span = var.get().get(key)
-    if span is None or not isinstance(span, trace.Span):
-        return trace.INVALID_SPAN_CONTEXT
-    return span.get_span_context()
-
-
 # meshkit.tracing.fastspan.FastSpan once imported (it imports the SDK)
 _fast_span_class: Any = None
 

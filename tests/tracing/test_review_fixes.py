@@ -238,6 +238,48 @@ async def test_a_cancelled_losing_hedge_is_not_an_error(ratio: float) -> None:
     provider.shutdown()
 
 
+class FailsThenSlow(EchoImpl):
+    """Attempt 0 fails, the retry (attempt 1) is slow, the hedge sent for it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def echo(self, message: str) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise Unavailable("the first attempt fails on purpose")
+        if self.calls == 2:
+            await asyncio.sleep(0.5)
+        return message
+
+
+async def test_a_retry_cancelled_by_its_winning_hedge_is_not_an_error() -> None:
+    provider, exporter, _ = memory_provider()
+    hook = OTelHook(tracer_provider=provider)
+    impl = FailsThenSlow()
+    svc = await start_service(impl, hook)
+    try:
+        async with client(
+            svc.port,
+            hook,
+            idempotent=["echo"],
+            hedge=HedgePolicy(methods={"echo"}, min_delay=0.02, max_delay=0.05),
+        ) as c:
+            assert await c.echo("x") == "x"
+    finally:
+        await svc.stop(drain_timeout=1.0)
+    provider.force_flush()
+    spans = exporter.get_finished_spans()
+    (retry,) = [s for s in spans if s.name == "echo/echo retry 1"]
+    assert retry.status.status_code is not StatusCode.ERROR
+    assert retry.attributes["meshkit.hedge_lost"] is True
+    (call,) = [s for s in spans if s.name == "echo/echo" and s.kind is SpanKind.CLIENT]
+    assert "meshkit.hedge_lost" not in call.attributes
+    assert call.status.status_code is not StatusCode.ERROR
+    provider.shutdown()
+
+
 # -- 4. HTTP 4xx answers are not server errors; names stay bounded -------------------------
 
 
