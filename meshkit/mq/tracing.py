@@ -43,6 +43,7 @@ def _context_getter() -> Any:
 
 #: the current OpenTelemetry context; falsy when nothing (no span, no baggage) is current
 current_context = _context_getter()
+_EMPTY = otel_context.Context()
 
 
 def recording() -> bool:
@@ -134,9 +135,13 @@ class ConsumerSpan:
         headers: RawHeaders,
     ) -> None:
         self.span: Span | None = None
-        parent = extract_kafka(_pairs(headers)) if has_trace_headers(headers) else None
+        # A message without trace headers starts a new trace: the parent is an empty
+        # context, not whatever was current when the worker started.
+        parent = extract_kafka(_pairs(headers)) if has_trace_headers(headers) else _EMPTY
         if not recording():
-            self.token = otel_context.attach(parent) if parent is not None else None
+            # the handler runs in the message's context (nothing more): attached unless
+            # both it and the current one are empty (the common case without tracing)
+            self.token = otel_context.attach(parent) if parent or current_context() else None
             return
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
@@ -150,7 +155,7 @@ class ConsumerSpan:
         if key is not None:
             attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
         links = []
-        if parent is not None:
+        if parent:
             producer = trace.get_current_span(parent).get_span_context()
             if producer.is_valid:
                 links.append(Link(producer))

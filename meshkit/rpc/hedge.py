@@ -243,7 +243,7 @@ class Hedge:
             if other.endpoint is not None and other.endpoint not in tried:
                 tried.append(other.endpoint)
         headers = dict(ctx.headers)  # its own: the transport writes the budget left into it
-        extras = {k: v for k, v in ctx.extras.items() if k != "hedged"}
+        extras = {k: v for k, v in ctx.extras.items() if k != "hedged" and k != "hedge_lost"}
         extras["hedge"] = True
         return dataclasses.replace(
             ctx,
@@ -290,13 +290,19 @@ class Hedge:
             return result
         finally:
             run.phase = _DONE
+            ctx.extras.pop("hedge_lost", None)  # the inline attempt's: not the call's
             if run.interrupted and run.task is not None:
                 # Something below swallowed our cancellation: do not leave it counted.
                 run.task.uncancel()
             if run.timer is not None:
                 run.timer.cancel()
-            for hedge in run.tasks:
+            # another attempt answered: the ones still running lost the race (tracing
+            # records them as such, not as errors)
+            lost = ctx.extras.get("hedge_winner") is not None
+            for index, hedge in enumerate(run.tasks, 1):
                 if not hedge.done():
+                    if lost:
+                        run.ctxs[index].extras["hedge_lost"] = True
                     hedge.cancel()
 
     def _attempt0_answered(self, run: _Run) -> None:
@@ -345,6 +351,7 @@ class Hedge:
                 run.winner = index
                 if run.phase == _INLINE and run.task is not None:
                     run.interrupted = True
+                    run.ctx.extras["hedge_lost"] = True  # (for its attempt span; popped)
                     run.task.cancel()
         else:
             run.failures[index] = exc

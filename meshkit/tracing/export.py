@@ -17,6 +17,7 @@ import collections
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -91,8 +92,10 @@ class ExportQueue(SpanProcessor):
     ``max_batch``: spans per export call. ``delay``: seconds between exports when the
     queue is not filling up. ``slow_after``: seconds after which an unsampled span is
     kept anyway (``None``: never); unsampled spans with an error status are always kept
-    when ``keep_errors``. Only spans the sampler *recorded* reach this processor, so
-    tail keeping needs the record-only sampler of :mod:`meshkit.tracing.sampling`.
+    when ``keep_errors``. ``shutdown_timeout``: seconds :meth:`shutdown` takes at most
+    (:meth:`force_flush` keeps to its own ``timeout_millis``). Only spans the sampler
+    *recorded* reach this processor, so tail keeping needs the record-only sampler of
+    :mod:`meshkit.tracing.sampling`.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class ExportQueue(SpanProcessor):
         slow_after: float | None = 1.0,
         keep_errors: bool = True,
         metrics_registry: CollectorRegistry | None = None,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError(
@@ -116,6 +120,7 @@ class ExportQueue(SpanProcessor):
         self.delay = delay
         self.slow_after_ns = None if slow_after is None else int(slow_after * 1e9)
         self.keep_errors = keep_errors
+        self.shutdown_timeout = shutdown_timeout
         metrics = ExportMetrics.get(metrics_registry)
         self._exported = metrics.exported
         self._dropped_full = metrics.dropped.labels("queue_full")
@@ -156,13 +161,16 @@ class ExportQueue(SpanProcessor):
             reason = self._tail_reason(span)
             if reason is None:
                 return
-            self._kept.labels(reason).inc()
             span = _marked(span, reason)
+        else:
+            reason = None
         queue = self._queue
         if len(queue) >= self.max_queue or self._stopped:
             (self._dropped_shutdown if self._stopped else self._dropped_full).inc()
             return
         queue.append(span)
+        if reason is not None:  # counted once queued: a dropped span was not kept
+            self._kept.labels(reason).inc()
         if len(queue) == self.max_batch:
             self._wake.set()
 
@@ -194,22 +202,43 @@ class ExportQueue(SpanProcessor):
             self._wake.clear()
             self._drain(full_only=full)
 
-    def _drain(self, *, full_only: bool = False) -> None:
+    def _drain(self, *, full_only: bool = False, deadline: float | None = None) -> bool:
+        """Export queued batches; ``False`` when ``deadline`` (``time.monotonic()``)
+        passed first, with spans left in the queue."""
         # Sending a batch costs about a millisecond of CPU whatever its size (HTTP), and
         # under load spans keep arriving while one is sent: draining to empty would send
         # a trickle of tiny batches, several times the CPU per span of full ones.
-        with self._export_lock:
+        if deadline is None:
+            self._export_lock.acquire()
+        elif not self._export_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False  # the thread is sending a batch that outlasts the deadline
+        try:
             queue = self._queue
             least = self.max_batch if full_only else 1
             while len(queue) >= least:
+                if deadline is None:
+                    if self._stopped:
+                        break  # shutdown drains what is left, within its bound
+                    left = None
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
                 batch: list[ReadableSpan] = []
                 while queue and len(batch) < self.max_batch:
                     batch.append(queue.popleft())
-                self._export(batch)
+                self._export(batch, left)
+            return True
+        finally:
+            self._export_lock.release()
 
-    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+    def _export(self, batch: Sequence[ReadableSpan], timeout: float | None = None) -> None:
         try:
-            result = self.exporter.export(batch)
+            export_within = getattr(self.exporter, "export_within", None)
+            if timeout is not None and export_within is not None:
+                result = export_within(batch, timeout)  # its retries end by the deadline
+            else:
+                result = self.exporter.export(batch)
         except Exception:
             log.exception("trace export failed; %d spans dropped", len(batch))
             result = SpanExportResult.FAILURE
@@ -219,18 +248,30 @@ class ExportQueue(SpanProcessor):
             self._dropped_failed.inc(len(batch))
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Export everything queued now (in the calling thread); ``True`` when done."""
-        self._drain()
-        return not self._queue
+        """Export everything queued now (in the calling thread), for ``timeout_millis``
+        at most: ``True`` when done. Spans left at the deadline stay queued for the
+        background thread (nothing is lost) and ``False`` is returned."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        return self._drain(deadline=deadline) and not self._queue
 
-    def shutdown(self) -> None:
-        """Export what is queued, stop the thread and shut the exporter down."""
+    def shutdown(self, timeout_millis: int | None = None) -> None:
+        """Export what is queued, stop the thread and shut the exporter down, within
+        ``timeout_millis`` (default :attr:`shutdown_timeout`); spans still queued at the
+        deadline are dropped and counted (``reason="shutdown"``)."""
         if self._stopped:
             return
+        if timeout_millis is None:
+            timeout_millis = int(self.shutdown_timeout * 1000)
+        deadline = time.monotonic() + timeout_millis / 1000
         self._stopped = True
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
-        self._drain()
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._drain(deadline=deadline):
+            left = len(self._queue)
+            self._queue.clear()
+            if left:
+                log.warning("trace export shut down with %d spans unsent (time out)", left)
+                self._dropped_shutdown.inc(left)
         self.exporter.shutdown()

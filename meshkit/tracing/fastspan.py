@@ -26,6 +26,7 @@ the hook falls back to ``tracer.start_span``.
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -111,11 +112,19 @@ class FastSpan(ReadableSpan, trace.Span):
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if self._end_time is None:
-            self._attributes.update(attributes)
+            own = self._attributes
+            own.update(attributes)
+            limit = self._recorder.max_attributes
+            if limit is not None and len(own) > limit:
+                _trim(own, limit)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         if self._end_time is None:
-            self._attributes[key] = value
+            own = self._attributes
+            own[key] = value
+            limit = self._recorder.max_attributes
+            if limit is not None and len(own) > limit:
+                _trim(own, limit)
 
     def add_event(
         self,
@@ -125,12 +134,19 @@ class FastSpan(ReadableSpan, trace.Span):
     ) -> None:
         if self._end_time is not None:
             return
+        recorder = self._recorder
         if not self._events:
-            self._events = []
+            self._events = collections.deque(maxlen=recorder.max_events)
+        limit = recorder.max_event_attributes
+        if attributes and limit is not None and len(attributes) > limit:
+            attributes = dict(list(attributes.items())[-limit:])
         self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        limit = self._recorder.max_links
         if self._end_time is None and context.is_valid:
+            if limit is not None and len(self._links) >= limit:
+                return  # (links are few; the first ones are kept, as at span start)
             self._links = [*self._links, trace.Link(context, attributes)]
 
     def update_name(self, name: str) -> None:
@@ -142,8 +158,8 @@ class FastSpan(ReadableSpan, trace.Span):
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
-        if self._status.status_code is StatusCode.OK:
-            return  # OK is final (as in the SDK)
+        if self._status.status_code is StatusCode.OK or status.status_code is StatusCode.UNSET:
+            return  # OK is final, UNSET changes nothing (as in the SDK)
         self._status = status
 
     def record_exception(
@@ -160,6 +176,9 @@ class FastSpan(ReadableSpan, trace.Span):
             return
         self._end_time = end_time or self.end_ns or time.time_ns()
         recorder = self._recorder
+        limit = recorder.max_attributes
+        if limit is not None and len(self._attributes) > limit:
+            _trim(self._attributes, limit)  # (meshkit's own, written straight in)
         if recorder.tail_rule() is not None and len(recorder.processors) == 1:
             recorder.processors[0].on_end(self)  # meshkit's export queue, directly
         else:
@@ -169,6 +188,12 @@ class FastSpan(ReadableSpan, trace.Span):
     def raw_attributes(self) -> dict[str, Any]:
         """The attribute dict itself (``attributes`` is a read-only view, as in the SDK)."""
         return self._attributes
+
+
+def _trim(attributes: dict[str, Any], limit: int) -> None:
+    """Drop the oldest attributes beyond ``limit`` (what the SDK's bounded attributes do)."""
+    for key in list(attributes)[: len(attributes) - limit]:
+        del attributes[key]
 
 
 DIRECT_CONTEXT.add(FastSpan)  # the export queue reads its _context field directly
@@ -193,6 +218,12 @@ class FastRecorder:
         self.inline = self.parent_based and type(self.ids) is RandomIdGenerator
         ratio = getattr(self.sampler, "ratio", 1.0)
         self._root_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        # the provider's span limits (the SDK's defaults: 128 each; None: no limit)
+        limits = getattr(provider, "_span_limits", None)
+        self.max_attributes: int | None = getattr(limits, "max_span_attributes", 128)
+        self.max_events: int | None = getattr(limits, "max_events", 128)
+        self.max_links: int | None = getattr(limits, "max_links", 128)
+        self.max_event_attributes: int | None = getattr(limits, "max_event_attributes", 128)
         self._processors_seen: object = None
         self.processors: tuple[Any, ...] = ()
         self._tail_rule: tuple[bool, int | None] | None = None
@@ -237,9 +268,9 @@ class FastRecorder:
         full.end_ns = end_ns
         notes = span._notes
         if notes is not None:
-            full._attributes.update(notes.attributes)
-            if notes.events:
-                full._events = [Event(n, a, t) for n, a, t in notes.events]
+            full.set_attributes(notes.attributes)  # (within the span limits)
+            for event in notes.events:
+                full.add_event(*event)
             if notes.name is not None:
                 full._name = notes.name
             if notes.status is not None:

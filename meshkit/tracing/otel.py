@@ -20,7 +20,9 @@ local service: the caller on the client, the callee on the server), ``net.peer.n
 ``meshkit.instance`` (the instance called, on the client; this instance, on the server),
 ``meshkit.status_code`` (``OK`` or the meshkit status), ``meshkit.attempt`` /
 ``meshkit.attempts``, ``meshkit.route`` (gray-release decision), ``meshkit.zone``,
-``meshkit.hedged``, ``meshkit.deadline_ms`` (budget left when the span started),
+``meshkit.hedged``, ``meshkit.hedge_lost`` (a hedge attempt cancelled because another
+attempt answered first: ``meshkit.status_code=CANCELLED``, not an error),
+``meshkit.deadline_ms`` (budget left when the span started),
 ``meshkit.app_error`` (an IDL exception).
 """
 
@@ -79,17 +81,6 @@ def _make_current(span: Any, parent: Any = None) -> Any:
     context = otel_context.Context(var.get() if parent is None else parent)
     _dict_set(context, key, span)  # (Context refuses item assignment; it is new here)
     return var.set(context)
-
-
-def _current_span_context() -> Any:
-    """``trace.get_current_span().get_span_context()``."""
-    if _FAST_CONTEXT is None:
-        return trace.get_current_span().get_span_context()
-    var, key = _FAST_CONTEXT
-    span = var.get().get(key)
-    if span is None or not isinstance(span, trace.Span):
-        return trace.INVALID_SPAN_CONTEXT
-    return span.get_span_context()
 
 
 # meshkit.tracing.fastspan.FastSpan once imported (it imports the SDK)
@@ -202,11 +193,11 @@ class OTelHook:
     def start_client(self, ctx: Any) -> Any:
         now = time.monotonic()  # the budget left is read before the first call's setup
         if not (self._recording_cached if now < self._recording_until else self._recording()):
-            # No SDK: no spans to record, but carry on a trace someone else started.
-            if _FAST_CONTEXT is not None and _FAST_CONTEXT[0].get().get(_FAST_CONTEXT[1]) is None:
-                return None  # no span at all: the common case, one dict lookup
-            if _current_span_context().is_valid:
-                propagate.inject(ctx.headers)
+            # No SDK: no spans to record, but carry on a trace (and baggage) someone
+            # else started.
+            if _FAST_CONTEXT is not None and not _FAST_CONTEXT[0].get():
+                return None  # an empty context: the common case, one look-up
+            propagate.inject(ctx.headers)  # (writes nothing for an invalid span)
             return None
         provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
         if (provider or self._provider_now()) is not self._tracer_from:
@@ -282,9 +273,13 @@ class OTelHook:
         headers = ctx.headers
         now = time.monotonic()
         if not (self._recording_cached if now < self._recording_until else self._recording()):
-            if "traceparent" not in headers:
-                return None
-            return None, otel_context.attach(w3c.extract(headers))
+            if "traceparent" in headers or "baggage" in headers:
+                return None, otel_context.attach(w3c.extract(headers))
+            # nothing carried: the handler starts from an empty context, not from the
+            # one the connection's task inherited (what was current when it started)
+            if _FAST_CONTEXT is not None and not _FAST_CONTEXT[0].get():
+                return None  # it is empty already: the common case
+            return None, otel_context.attach(_EMPTY)
         provider = self._provider or _TRACE_GLOBALS.get("_TRACER_PROVIDER")
         if (provider or self._provider_now()) is not self._tracer_from:
             self._tracer()
@@ -348,6 +343,10 @@ class OTelHook:
         if handle is None:
             return
         span, token = handle
+        lost = False
+        if error is not None and ctx.extras and ctx.extras.get("hedge_lost") is True:
+            # a hedge attempt cancelled because another attempt answered: not an error
+            error, lost = None, True
         try:
             kind = type(span)
             if kind is TailSpan:
@@ -362,10 +361,10 @@ class OTelHook:
                     or (rule[0] and (error is not None or (span._notes is not None and span.erred)))
                     or (rule[1] is not None and now - span._start >= rule[1])
                 ):
-                    self._end_tail(span, ctx, error)
+                    self._end_tail(span, ctx, error, lost)
             elif span is not None and kind is not NonRecordingSpan:  # (nothing to end)
                 if span.is_recording():
-                    self._finish(span, ctx, error)
+                    self._finish(span, ctx, error, lost)
                 span.end()
         finally:
             if token is not None:
@@ -377,7 +376,9 @@ class OTelHook:
                     except Exception:  # as opentelemetry.context.detach: say it, go on
                         log.exception("Failed to detach context")
 
-    def _end_tail(self, span: TailSpan, ctx: Any, error: BaseException | None) -> None:
+    def _end_tail(
+        self, span: TailSpan, ctx: Any, error: BaseException | None, lost: bool = False
+    ) -> None:
         """The end of an unsampled span kept in outline: usually nothing more; when it
         erred or was slow, the full span is built and exported (tail keeping)."""
         recorder = self._recorder
@@ -390,11 +391,11 @@ class OTelHook:
         else:
             attributes = _client_attributes(ctx, started)
         full = recorder.build_kept(span, _name(ctx.service, ctx.method), attributes, end_ns)
-        self._finish(full, ctx, error)
+        self._finish(full, ctx, error, lost)
         full.end()
 
     @staticmethod
-    def _finish(span: Any, ctx: Any, error: BaseException | None) -> None:
+    def _finish(span: Any, ctx: Any, error: BaseException | None, lost: bool = False) -> None:
         # meshkit's own spans: straight into their attribute dict (no copy, no check per key)
         own: dict[str, Any] | None = (
             span._attributes
@@ -403,6 +404,9 @@ class OTelHook:
         )
         attributes: dict[str, Any] = {} if own is None else own
         attributes["meshkit.status_code"] = _status_code(error)
+        if lost:
+            attributes["meshkit.status_code"] = "CANCELLED"
+            attributes["meshkit.hedge_lost"] = True  # another attempt answered first
         if (span._kind if own is not None else span.kind) is _CLIENT:
             if ctx.peer:
                 attributes["net.peer.name"] = ctx.peer

@@ -327,17 +327,22 @@ class OtlpHttpExporter(SpanExporter):
         self._closed = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.export_within(spans, self.timeout)
+
+    def export_within(self, spans: Sequence[ReadableSpan], timeout: float) -> SpanExportResult:
+        """:meth:`export`, retrying for ``timeout`` seconds at most (capped at
+        :attr:`timeout`): what a flush or shutdown with a deadline calls."""
         import requests
 
         if self._closed:
             return SpanExportResult.FAILURE
         body = encode_request(spans)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + max(0.0, min(timeout, self.timeout))
         delay = 0.05
         while True:
             left = deadline - time.monotonic()
             try:
-                response = self._session.post(self.endpoint, data=body, timeout=max(0.1, left))
+                response = self._session.post(self.endpoint, data=body, timeout=max(0.01, left))
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:

@@ -24,8 +24,9 @@ def inject_mapping(carrier: MutableMapping[str, str], context: Context | None = 
 
 
 def extract_mapping(carrier: Mapping[str, str]) -> Context:
-    """The trace context carried by a string mapping (empty context when there is none)."""
-    return propagate.extract(carrier)
+    """The trace context carried by a string mapping (empty context when there is none;
+    nothing of the current context)."""
+    return propagate.extract(carrier, Context())
 
 
 class _KafkaGetter(Getter[Sequence[tuple[str, bytes | str | None]]]):
@@ -63,5 +64,6 @@ def inject_kafka(headers: KafkaHeaders, context: Context | None = None) -> Kafka
 
 
 def extract_kafka(headers: Iterable[tuple[str, bytes | str | None]] | None) -> Context:
-    """The trace context carried by Kafka message headers (as confluent-kafka returns them)."""
-    return propagate.extract(list(headers or ()), getter=_kafka_getter)
+    """The trace context carried by Kafka message headers (as confluent-kafka returns
+    them), and nothing of the current context."""
+    return propagate.extract(list(headers or ()), Context(), getter=_kafka_getter)

@@ -19,6 +19,7 @@ This module needs only ``opentelemetry-api``.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,10 @@ from opentelemetry.util import types
 
 __all__ = ["Notes", "TailSpan"]
 
+#: attributes and events noted at most (the newest kept): the SDK's default span limits;
+#: a kept span applies its provider's own limits when it is built
+MAX_NOTED = 128
+
 
 class Notes:
     """What user code set on a :class:`TailSpan`."""
@@ -36,7 +41,9 @@ class Notes:
 
     def __init__(self) -> None:
         self.attributes: dict[str, Any] = {}
-        self.events: list[tuple[str, types.Attributes, int]] = []
+        self.events: collections.deque[tuple[str, types.Attributes, int]] = collections.deque(
+            maxlen=MAX_NOTED
+        )
         self.name: str | None = None
         self.status: Status | None = None
 
@@ -75,10 +82,17 @@ class TailSpan(NonRecordingSpan):
         return notes
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        self._noted().attributes.update(attributes)
+        noted = self._noted().attributes
+        noted.update(attributes)
+        if len(noted) > MAX_NOTED:
+            for key in list(noted)[: len(noted) - MAX_NOTED]:
+                del noted[key]  # the oldest, as the SDK's bounded attributes
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        self._noted().attributes[key] = value
+        noted = self._noted().attributes
+        noted[key] = value
+        if len(noted) > MAX_NOTED:
+            del noted[next(iter(noted))]  # the oldest
 
     def add_event(
         self,
@@ -94,6 +108,8 @@ class TailSpan(NonRecordingSpan):
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if isinstance(status, StatusCode):
             status = Status(status, description)
+        if status.status_code is StatusCode.UNSET:
+            return  # changes nothing, as in the SDK
         notes = self._noted()
         if notes.status is None or notes.status.status_code is not StatusCode.OK:
             notes.status = status  # OK is final, as in the SDK

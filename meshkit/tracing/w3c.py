@@ -54,6 +54,7 @@ def _current_baggage() -> object:
 _FLAGS = {n: TraceFlags(n) for n in range(256)}
 _FLAGS_HEX = {f"{n:02x}": flags for n, flags in _FLAGS.items()}
 _new_context = tuple.__new__
+_EMPTY = Context()
 _NO_STATE = DEFAULT_TRACE_STATE
 
 
@@ -92,7 +93,8 @@ def inject(
     if (
         checked[0] is not _PROPAGATE_GLOBALS.get(_TEXTMAP_NAME) or not checked[1]
     ) and not uses_default_propagators():
-        propagate.inject(headers)
+        # the given span (a retry's or hedge's: not the current one) over the current context
+        propagate.inject(headers, trace.set_span_in_context(NonRecordingSpan(span_context)))
         return
     if span_context[5]:  # is_valid (SpanContext fields by index: properties are calls)
         # trace id, span id, flags: the SpanContext tuple's fields 0, 1 and 3
@@ -145,18 +147,20 @@ def extract_span_context(headers: Mapping[str, str]) -> SpanContext | None:
 
 
 def extract(headers: Mapping[str, str]) -> Context:
-    """The caller's context from ``headers``; as ``propagate.extract`` would return it."""
+    """The caller's context from ``headers`` and nothing else (none of the current
+    context's values: a request starts clean); as ``propagate.extract`` would return it
+    given an empty context."""
     if not uses_default_propagators():
-        return propagate.extract(headers)
+        return propagate.extract(headers, _EMPTY)
     parent = headers.get("traceparent")
     match = None if parent is None else _TRACEPARENT(parent)
     if match is None:
-        return propagate.extract(headers)  # absent, or anything but plain version 00
+        return propagate.extract(headers, _EMPTY)  # absent, or anything but plain version 00
     trace_hex, span_hex, flags_hex = match.groups()
     trace_id = int(trace_hex, 16)
     span_id = int(span_hex, 16)
     if trace_id == 0 or span_id == 0:
-        return propagate.extract(headers)
+        return propagate.extract(headers, _EMPTY)
     state_header = headers.get("tracestate")
     state = TraceState.from_header([state_header]) if state_header else _NO_STATE
     context = trace.set_span_in_context(
@@ -168,7 +172,8 @@ def extract(headers: Mapping[str, str]) -> Context:
                 trace_flags=_FLAGS[int(flags_hex, 16)],
                 trace_state=state,
             )
-        )
+        ),
+        _EMPTY,
     )
     if "baggage" in headers:
         context = _baggage.extract(headers, context=context)
