@@ -108,7 +108,7 @@ class ServerDeadline(HookStage):
         if sent:
             try:  # a bad value means "no budget sent"
                 budget: float | None = int(sent) / 1000.0
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: too many digits for a float
                 budget = self.default_timeout
         else:
             budget = self.default_timeout

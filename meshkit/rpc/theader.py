@@ -406,7 +406,8 @@ def _decompress(payload: bytes, limit: int) -> bytes:
         ) from None
     if len(out) > limit:
         raise FrameError(
-            f"expected a decompressed payload of at most {limit} bytes, found more than that"
+            f"expected a decompressed payload of at most {limit} bytes (what is left of "
+            "the frame's budget after any earlier zlib layer), found more than that"
         )
     if not decomp.eof:
         raise FrameError("expected a complete zlib stream, found a truncated one")
@@ -665,9 +666,13 @@ def decode_frame_fields(
     if type(payload) is not bytes:
         payload = bytes(payload)
     if transforms:
-        # Apache applies the read transforms in reverse order of the write transforms
+        # Apache applies the read transforms in reverse order of the write transforms.
+        # Every layer's output counts against one max_payload budget: nested layers
+        # (each inflating the next) would otherwise cost time quadratic in their number.
+        budget = limits.max_payload
         for _ in reversed(transforms):
-            payload = _decompress(payload, limits.max_payload)
+            payload = _decompress(payload, budget)
+            budget -= len(payload)
     return seqid, protocol_id, headers, payload, flags, transforms
 
 

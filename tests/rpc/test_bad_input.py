@@ -132,6 +132,13 @@ def payload_of(frame: bytes) -> bytes:
     return frame[14 + words * 4 :]
 
 
+def _layered(payload: bytes, layers: int) -> bytes:
+    """``payload`` zlib-compressed ``layers`` times with stored blocks (output ≈ input)."""
+    for _ in range(layers):
+        payload = zlib.compress(payload, 0)
+    return payload
+
+
 def header_frame(
     payload: bytes, *, seqid: int = 1, block: bytes = b"\x00\x00", words: int | None = None
 ) -> bytes:
@@ -515,6 +522,13 @@ def _bad_header_frames() -> dict[str, Callable[[], bytes]]:
         "nested-zlib-bomb": lambda: header_frame(
             zlib.compress(zlib_bomb(64 * MiB)), seqid=7, block=b"\x00\x02\x01\x01"
         ),
+        # 20 stored zlib layers of a 1 MiB call: each layer fits the limit, together they
+        # are 20 MiB of inflating (1000 such layers kept the event loop busy for seconds)
+        "zlib-layers-over-one-budget": lambda: header_frame(
+            _layered(payload_of(message("echo", string_field("x" * MiB), seqid=7)), 20),
+            seqid=7,
+            block=b"\x00\x14" + b"\x01" * 20,
+        ),
     }
     return frames
 
@@ -780,9 +794,12 @@ async def test_spent_budget_is_refused_without_running_the_handler(
     await assert_connection_works(writer, reader)
 
 
-async def test_unparsable_budget_means_no_budget(echo_server: RunningServer, connect: Any) -> None:
+@pytest.mark.parametrize("budget", ["soon", "9" * 400])  # 400 digits: no float holds it
+async def test_unparsable_budget_means_no_budget(
+    echo_server: RunningServer, connect: Any, budget: str
+) -> None:
     reader, writer = await connect(echo_server.port)
-    frame = message("slow", i32_field(1), seqid=72, headers={TIMEOUT_KEY: "soon"})
+    frame = message("slow", i32_field(1), seqid=72, headers={TIMEOUT_KEY: budget})
     reply = await exchange(writer, reader, frame)
     assert reply.mtype == TMessageType.REPLY
     assert reply.success == 1
