@@ -6,6 +6,7 @@ phases and marks it registered; the health endpoint only reads it.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from enum import StrEnum
@@ -62,8 +63,17 @@ class HealthState:
 
         ``fn`` is called on every readiness probe, in the event loop, so it must be quick and
         must not block. It returns ``True``/``False`` or ``(ok, detail)``; an exception counts
-        as failing, with the exception as the detail.
+        as failing, with the exception as the detail. An ``async def`` check is refused
+        (:class:`TypeError`): a readiness probe cannot wait for it, and its coroutine would
+        count as true; keep the state it needs up to date in a task and read it here.
         """
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+        ):
+            raise TypeError(
+                f"readiness check {name!r} is an async function: checks run synchronously on "
+                "every probe; update a flag from a task and return it from a plain function"
+            )
         with self._lock:
             self._checks[name] = fn
 
@@ -106,6 +116,12 @@ def _run_check(fn: ReadinessCheck) -> tuple[bool, str]:
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
     if isinstance(result, tuple):
+        if len(result) != 2:
+            return False, f"expected True/False or (ok, detail) from the check, found {result!r}"
         ok, detail = result
         return bool(ok), str(detail)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: no "was never awaited" warning
+        return False, "the check returned an awaitable; checks must answer synchronously"
     return bool(result), ""

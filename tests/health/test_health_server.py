@@ -221,6 +221,29 @@ def test_ready_without_registry_needs_only_serving() -> None:
     assert state.check_names == ["cache"]
 
 
+def test_async_checks_are_refused_and_odd_results_fail_clearly() -> None:
+    """An ``async def`` check would be a coroutine, which is true: it is refused when added.
+    A callable that returns an awaitable anyway, or a tuple of the wrong shape, counts as
+    failing with a detail that says why (not ready, never a 500)."""
+    state = HealthState()
+    state.set_phase(Phase.SERVING)
+
+    async def db_ok() -> bool:
+        return False
+
+    with pytest.raises(TypeError, match="'db' is an async function"):
+        state.add_check("db", db_ok)
+    assert state.check_names == []
+    state.add_check("db", lambda: db_ok())  # a plain function returning a coroutine
+    ok, reason = state.ready()
+    assert not ok and "returned an awaitable" in reason
+    state.add_check("db", lambda: (False,))
+    assert state.ready() == (
+        False,
+        "check 'db' failing: expected True/False or (ok, detail) from the check, found (False,)",
+    )
+
+
 # -- metrics ---------------------------------------------------------------------------------
 
 
