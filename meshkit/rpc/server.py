@@ -430,7 +430,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             if ctx.oneway:
                 return
             payload = self._exception_payload(ctx.method, msg_seqid, frame, exc)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit/KeyboardInterrupt raised by a handler (sys.exit() in a library, say)
+            # fail that call; let out of this task they would end the server's event loop.
             log.exception(
                 "unhandled exception in handler", service=self.server.name, method=ctx.method
             )
@@ -449,8 +451,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             )
         if self.server.draining:
             ctx.response_headers[GOAWAY_KEY] = "1"
-        self._write(
-            encode_like(
+        try:
+            reply = encode_like(
                 frame.transport,
                 frame.protocol_id,
                 payload,
@@ -458,6 +460,41 @@ class ServerConnection(asyncio.BufferedProtocol):
                 headers=ctx.response_headers,
                 transforms=frame.transforms,
             )
+        except Exception as exc:  # e.g. a middleware set a header that is not text
+            reply = self._unframable_reply(ctx, frame, seqid, msg_seqid, exc)
+        self._write(reply)
+
+    def _unframable_reply(
+        self, ctx: CallContext, frame: Frame, seqid: int, msg_seqid: int, exc: Exception
+    ) -> bytes:
+        """An INTERNAL answer for a call whose reply could not be framed (the caller would
+        otherwise wait for its deadline), carrying no header but the status."""
+        log.error(
+            "reply could not be framed",
+            service=self.server.name,
+            method=ctx.method,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        message = (
+            f"[INTERNAL] the reply of {ctx.method} could not be framed "
+            f"({type(exc).__name__}); details are in the server log"
+        )
+        payload = self._exception_payload(
+            ctx.method,
+            msg_seqid,
+            frame,
+            TApplicationException(TApplicationException.INTERNAL_ERROR, message),
+        )
+        headers = {STATUS_KEY: StatusCode.INTERNAL.value}
+        if self.server.draining:
+            headers[GOAWAY_KEY] = "1"
+        return encode_like(
+            frame.transport,
+            frame.protocol_id,
+            payload,
+            seqid=seqid,
+            headers=headers,
+            transforms=frame.transforms,
         )
 
     def _call_done(self, task: asyncio.Task[None]) -> None:

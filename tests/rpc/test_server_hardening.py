@@ -1,0 +1,73 @@
+"""Handler and reply failures that must fail one call, never the server or the caller's wait:
+a handler raising SystemExit (sync or async), a reply that cannot be framed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+from meshkit import Internal
+from meshkit.rpc.context import CallContext
+from meshkit.rpc.pipeline import Next
+
+
+class ExitingImpl:
+    """``sys.exit()`` from a plain-def (thread pool) and an async handler."""
+
+    def reverse(self, message: str) -> str:
+        if message == "exit":
+            sys.exit(2)
+        return message[::-1]
+
+    async def echo(self, message: str) -> str:
+        if message == "exit":
+            raise SystemExit(3)
+        return message
+
+    async def slow(self, delay_ms: int) -> int:
+        return delay_ms
+
+    async def ping(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("method", ["reverse", "echo"])
+async def test_system_exit_in_a_handler_fails_only_that_call(
+    start_server: Any, make_client: Any, method: str
+) -> None:
+    running = await start_server(ExitingImpl())
+    client = make_client(running.addr)
+    with pytest.raises(Internal, match=f"{method} failed with an unexpected SystemExit"):
+        await getattr(client, method)("exit")
+    assert await client.echo("still serving") == "still serving"
+
+
+class BadResponseHeader:
+    """A middleware that sets a response header the frame cannot carry."""
+
+    name = "bad-header"
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    async def __call__(self, ctx: CallContext, call_next: Next) -> Any:
+        result = await call_next(ctx)
+        if ctx.method == "echo" and ctx.args.message == "bad":
+            ctx.response_headers["x-bad"] = self.value
+        return result
+
+
+@pytest.mark.parametrize("value", [42, "v" * 300_000], ids=["not-text", "too-big"])
+async def test_a_reply_that_cannot_be_framed_is_answered_internal(
+    start_server: Any, make_client: Any, value: Any
+) -> None:
+    probe = await start_server()
+    chain = [*probe.server.pipeline.middlewares, BadResponseHeader(value)]
+    running = await start_server(middlewares=chain)
+    client = make_client(running.addr, timeout=5.0)
+    # without an answer the call would fail DEADLINE_EXCEEDED after its 5 s
+    with pytest.raises(Internal, match="the reply of echo could not be framed"):
+        await client.echo("bad")
+    assert await client.echo("fine") == "fine"
