@@ -211,20 +211,25 @@ class RpcServer:
             self._server.close()
         for conn in list(self.connections):
             conn.start_drain()
-        finished = True
-        if self.in_flight:
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
-                finished = False
-                log.warning(
-                    "drain timed out", service=self.name, timeout=timeout, in_flight=self.in_flight
-                )
-        # Give meshkit clients a moment to close their side after their last reply.
-        grace = min(self.client_close_grace, max(0.0, deadline - loop.time()))
-        while self.connections and grace > 0:
-            await asyncio.sleep(0.01)
-            grace -= 0.01
+        # Until every connection is gone: serve what is in flight (to the deadline), and
+        # give meshkit clients a moment after their last reply to close their side. A call
+        # that arrives meanwhile (sent before the goaway reached its client) is served
+        # too, not cut off by the close while time is left.
+        grace_end = loop.time() + self.client_close_grace
+        while self.connections or self.in_flight:
+            now = loop.time()
+            if now >= deadline or (not self.in_flight and now >= grace_end):
+                break
+            if self.in_flight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), deadline - now)
+            else:
+                await asyncio.sleep(0.01)
+        finished = not self.in_flight
+        if not finished:
+            log.warning(
+                "drain timed out", service=self.name, timeout=timeout, in_flight=self.in_flight
+            )
         await self.close()
         return finished
 

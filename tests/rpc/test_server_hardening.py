@@ -3,6 +3,7 @@ a handler raising SystemExit (sync or async), a reply that cannot be framed."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -71,3 +72,21 @@ async def test_a_reply_that_cannot_be_framed_is_answered_internal(
     with pytest.raises(Internal, match="the reply of echo could not be framed"):
         await client.echo("bad")
     assert await client.echo("fine") == "fine"
+
+
+async def test_drain_serves_a_call_that_arrives_after_it_started(
+    start_server: Any, make_client: Any
+) -> None:
+    """A call already on its way when the drain starts (the goaway has not reached its
+    client) and longer than ``client_close_grace`` is served within the drain timeout, not
+    cancelled when the grace ends; drain() says it finished."""
+    running = await start_server()
+    running.server.client_close_grace = 0.2
+    client = make_client(running.addr, timeout=10.0)
+    assert await client.echo("warm") == "warm"  # an open connection from a meshkit peer
+    call = asyncio.create_task(client.slow(1000))  # leaves on the client's next flush
+    await asyncio.sleep(0)  # the call task runs up to its send
+    drained = asyncio.create_task(running.server.drain(timeout=30))
+    assert await call == 1000
+    assert await drained is True
+    assert not running.impl.slow_cancelled.is_set()
