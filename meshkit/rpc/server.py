@@ -351,6 +351,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         if headers and CANCEL_KEY in headers and not frame.payload:
             self._cancel(frame.seqid)
             return
+        # Before the message is read: a client announces its features on its first frame
+        # only, and that frame may be refused (an unknown method, say).
+        if not self.meshkit_peer and headers and frame.transport is TransportType.HEADER:
+            if FEATURES_KEY in headers:
+                self.meshkit_peer = True
+                self._write(FEATURES_FRAME)
+            elif CALLER_KEY in headers or TIMEOUT_KEY in headers:
+                self.meshkit_peer = True
         try:
             reader = read_message(frame.payload, frame.protocol_id)
         except FrameError as exc:
@@ -373,12 +381,6 @@ class ServerConnection(asyncio.BufferedProtocol):
                 frame, reader.name, seqid, self.server.table.unknown_method(reader.name)
             )
             return
-        if not self.meshkit_peer and headers and frame.transport is TransportType.HEADER:
-            if FEATURES_KEY in headers:
-                self.meshkit_peer = True
-                self._write(FEATURES_FRAME)
-            elif CALLER_KEY in headers or TIMEOUT_KEY in headers:
-                self.meshkit_peer = True
         ctx = CallContext(
             service=self.server.name,
             method=reader.name,

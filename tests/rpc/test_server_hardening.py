@@ -4,14 +4,21 @@ a handler raising SystemExit (sync or async), a reply that cannot be framed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import thriftpy2
+from prometheus_client import CollectorRegistry
+from waiting import wait_until
 
-from meshkit import Internal
+from meshkit import Client, Internal, Unimplemented
 from meshkit.rpc.context import CallContext
 from meshkit.rpc.pipeline import Next
+
+ECHO_IDL = Path(__file__).resolve().parents[2] / "examples" / "echo" / "echo.thrift"
 
 
 class ExitingImpl:
@@ -90,3 +97,26 @@ async def test_drain_serves_a_call_that_arrives_after_it_started(
     assert await call == 1000
     assert await drained is True
     assert not running.impl.slow_cancelled.is_set()
+
+
+async def test_cancel_works_after_a_first_call_to_an_unknown_method(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """Rolling deploy: a client built from a newer IDL first calls a method the server
+    lacks. Its features are announced on that first frame only; the server must still
+    take them, so a call the caller gives up on is cancelled on the server too."""
+    idl = tmp_path / "echo_v2.thrift"
+    idl.write_text(ECHO_IDL.read_text() + "\nservice EchoV2 extends Echo { string newer() }\n")
+    v2 = thriftpy2.load(str(idl), module_name="echo_v2_hardening_thrift")
+    running = await start_server()
+    client = Client(
+        v2.EchoV2, "echo", addr=running.addr, timeout=30.0, metrics_registry=CollectorRegistry()
+    )
+    try:
+        with pytest.raises(Unimplemented):
+            await client.newer()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.slow(60_000), 0.2)  # the caller gives up
+        await wait_until(running.impl.slow_cancelled.is_set, "the server-side handler cancelled")
+    finally:
+        await client.close()
