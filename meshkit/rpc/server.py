@@ -469,23 +469,39 @@ class ServerConnection(asyncio.BufferedProtocol):
             )
         except Exception as exc:  # e.g. a middleware set a header that is not text
             reply = self._unframable_reply(ctx, frame, seqid, msg_seqid, exc)
+        if len(reply) > self.server.max_frame_size + 4:
+            # A client reading with the same limit would drop the connection, failing every
+            # call on it: only this call fails.
+            too_big = FrameError(
+                f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
+                f"{self.server.max_frame_size} bytes"
+            )
+            reply = self._unframable_reply(ctx, frame, seqid, msg_seqid, too_big, public=True)
         self._write(reply)
 
     def _unframable_reply(
-        self, ctx: CallContext, frame: Frame, seqid: int, msg_seqid: int, exc: Exception
+        self,
+        ctx: CallContext,
+        frame: Frame,
+        seqid: int,
+        msg_seqid: int,
+        exc: Exception,
+        public: bool = False,
     ) -> bytes:
         """An INTERNAL answer for a call whose reply could not be framed (the caller would
-        otherwise wait for its deadline), carrying no header but the status."""
+        otherwise wait for its deadline), carrying no header but the status. ``public``:
+        ``exc``'s text holds no data of the call and goes to the caller too."""
         log.error(
             "reply could not be framed",
             service=self.server.name,
             method=ctx.method,
             error=f"{type(exc).__name__}: {exc}",
         )
-        message = (
-            f"[INTERNAL] the reply of {ctx.method} could not be framed "
-            f"({type(exc).__name__}); details are in the server log"
-        )
+        if public:
+            detail = getattr(exc, "message", str(exc))
+        else:
+            detail = f"{type(exc).__name__}; details are in the server log"
+        message = f"[INTERNAL] the reply of {ctx.method} could not be framed ({detail})"
         payload = self._exception_payload(
             ctx.method,
             msg_seqid,

@@ -120,3 +120,28 @@ async def test_cancel_works_after_a_first_call_to_an_unknown_method(
         await wait_until(running.impl.slow_cancelled.is_set, "the server-side handler cancelled")
     finally:
         await client.close()
+
+
+class BigReplyImpl(ExitingImpl):
+    async def echo(self, message: str) -> str:
+        return "x" * (512 * 1024) if message == "big" else message
+
+    async def slow(self, delay_ms: int) -> int:
+        await asyncio.sleep(delay_ms / 1000)
+        return delay_ms
+
+
+async def test_a_reply_over_the_frame_limit_fails_only_its_call(
+    start_server: Any, make_client: Any
+) -> None:
+    """A reply larger than the frame limit (here 256 KiB on both sides) would make the
+    client drop the connection and fail every call on it: the server answers that call
+    INTERNAL instead, and the calls beside it get their replies."""
+    running = await start_server(BigReplyImpl(), max_frame_size=256 * 1024)
+    client = make_client(running.addr, max_frame_size=256 * 1024)
+    assert await client.echo("warm") == "warm"
+    slow = [asyncio.create_task(client.slow(300)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(Internal, match="exceeds the frame limit of 262144 bytes"):
+        await client.echo("big")
+    assert await asyncio.gather(*slow) == [300, 300, 300]
