@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
-from ..errors import DeadlineExceeded, FrameError, Unavailable
+from ..errors import DeadlineExceeded, FrameError, Internal, Unavailable
 from .context import CANCEL_FEATURE, CANCEL_KEY, FEATURES_KEY, GOAWAY_KEY
 from .endpoint import Endpoint
 from .framing import Frame, FrameDecoder
@@ -102,6 +102,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.close()
             return
         pending = self.pending
+        if self.decoder.rejected:
+            self._fail_rejected()
         for frame in frames:
             if frame.seqid is None:
                 # Legacy transports carry the seq id only inside the message; a
@@ -121,6 +123,19 @@ class ClientConnection(asyncio.BufferedProtocol):
                     self.peer_cancels = CANCEL_FEATURE in features.split(",")
         if self.goaway and not self.pending:
             self.close()
+
+    def _fail_rejected(self) -> None:
+        """Replies whose header block the decoder refused fail their own calls only."""
+        rejected, self.decoder.rejected = self.decoder.rejected, []
+        for exc in rejected:
+            fut = self.pending.pop(exc.seqid, None) if exc.seqid is not None else None
+            if fut is not None and not fut.done():
+                fut.set_exception(
+                    Internal(
+                        f"{self.endpoint.address} sent a reply whose header block was refused: "
+                        f"{exc.message}"
+                    )
+                )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -491,7 +491,17 @@ class FrameDecoder:
     same error again.
     """
 
-    __slots__ = ("_buf", "_error", "_limits", "_max", "_max_depth", "_pending", "_want")
+    __slots__ = (
+        "_buf",
+        "_error",
+        "_limits",
+        "_max",
+        "_max_depth",
+        "_pending",
+        "_want",
+        "completed",
+        "rejected",
+    )
 
     def __init__(
         self,
@@ -511,6 +521,11 @@ class FrameDecoder:
         # the scan of the incomplete unframed message at the start of the buffer
         self._pending: _UnframedScanner | None = None
         self._error: FrameError | None = None
+        #: THeader frames whose header block was refused (their bounds and seq ids are
+        #: known, so the stream goes on): whoever feeds takes them and clears the list
+        self.rejected: list[BadHeaderFrame] = []
+        #: the frames completed in the ``feed`` that raised, before the bad data
+        self.completed: list[Frame] = []
 
     @property
     def buffered(self) -> int:
@@ -520,13 +535,16 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add ``data`` and return every message it completes, in order.
 
-        Raises :class:`FrameError` (or :class:`OversizedFrame`) when the stream breaks the
-        protocol; frames completed earlier in the same ``data`` are then lost with the
-        connection.
+        A THeader frame whose header block is refused does not stop the stream: it goes
+        to :attr:`rejected` (a :class:`BadHeaderFrame` with its seq id) and the frames
+        after it are decoded. Raises :class:`FrameError` (or :class:`OversizedFrame`) when
+        the stream breaks the protocol (it cannot be followed any further); the frames
+        completed earlier in the same ``data`` are then in :attr:`completed`.
         """
         if self._error is not None:
             raise self._error
         buf = self._buf
+        frames: list[Frame] = []
         try:
             if buf:
                 buf += data
@@ -544,10 +562,10 @@ class FrameDecoder:
                 return []
             else:
                 src = bytes(data)  # no copy when data is bytes
-            frames: list[Frame] = []
             pos = self._split(src, frames)
         except FrameError as exc:
             self._error = exc
+            self.completed = frames
             raise
         if pos < len(src):
             buf += memoryview(src)[pos:]
@@ -611,8 +629,13 @@ class FrameDecoder:
                             src, body, end, limits
                         )
                     except FrameError as exc:
-                        # The frame's bounds and seq id are known: let the server answer.
-                        raise BadHeaderFrame(str(exc), seqid=_header_seqid(src, body, n)) from None
+                        # The frame's bounds and seq id are known: refuse this one call
+                        # and go on with the next frame.
+                        self.rejected.append(
+                            BadHeaderFrame(exc.message, seqid=_header_seqid(src, body, n))
+                        )
+                        pos = end
+                        continue
                     append(
                         Frame(
                             TransportType.HEADER, proto, payload, seqid, headers, flags, transforms

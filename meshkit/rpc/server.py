@@ -40,7 +40,6 @@ from .context import (
 )
 from .deadline import ServerDeadline
 from .framing import (
-    BadHeaderFrame,
     Frame,
     FrameDecoder,
     OversizedFrame,
@@ -316,16 +315,38 @@ class ServerConnection(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         if self._closing:
             return
+        decoder = self.decoder
         try:
-            frames = self.decoder.feed(data)
-        except (OversizedFrame, BadHeaderFrame) as exc:
-            self._reject_stream(exc, seqid=exc.seqid, transport_type=exc.transport)
-            return
+            frames = decoder.feed(data)
         except FrameError as exc:
-            self._reject_stream(exc, seqid=None, transport_type=None)
+            for frame in decoder.completed:  # the calls before the bad data are served
+                self._dispatch(frame)
+            self._refuse_rejected()
+            if isinstance(exc, OversizedFrame):
+                self._reject_stream(exc, seqid=exc.seqid, transport_type=exc.transport)
+            else:
+                self._reject_stream(exc, seqid=None, transport_type=None)
             return
         for frame in frames:
             self._dispatch(frame)
+        if decoder.rejected:
+            self._refuse_rejected()
+
+    def _refuse_rejected(self) -> None:
+        """Answer each THeader frame whose header block the decoder refused with its error;
+        the connection and the other calls on it go on."""
+        rejected, self.decoder.rejected = self.decoder.rejected, []
+        for exc in rejected:
+            log.warning("refused a frame", peer=self.peer, error=exc.message)
+            if exc.seqid is None:
+                continue
+            payload = encode_message(
+                "", TMessageType.EXCEPTION, exc.seqid, application_exception(exc), 0
+            )
+            headers = {STATUS_KEY: exc.code.value}
+            self._write(
+                encode_like(TransportType.HEADER, 0, payload, seqid=exc.seqid, headers=headers)
+            )
 
     def eof_received(self) -> bool:
         """The client half-closed: answer what it already sent, then close."""
@@ -543,8 +564,9 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _reject_stream(
         self, error: FrameError, *, seqid: int | None, transport_type: TransportType | None
     ) -> None:
-        """The byte stream cannot be followed any further: answer if we can, then close."""
-        log.warning("closing connection after a bad frame", peer=self.peer, error=str(error))
+        """The byte stream cannot be followed any further: answer if we can, read nothing
+        more, let the calls already running answer, then close."""
+        log.warning("closing connection after a bad frame", peer=self.peer, error=error.message)
         if seqid is not None and transport_type is TransportType.HEADER:
             # goaway: this connection closes next, the client must not send on it again.
             headers = {STATUS_KEY: error.code.value, GOAWAY_KEY: "1"}
@@ -552,10 +574,22 @@ class ServerConnection(asyncio.BufferedProtocol):
                 "", TMessageType.EXCEPTION, seqid, application_exception(error), 0
             )
             self._write(encode_like(transport_type, 0, payload, seqid=seqid, headers=headers))
+        self._flush()
+        self._closing = True  # no more reading
+        transport = self.transport
+        if transport is None:
+            return
+        running = list(self.tasks)
+        if not running:
+            transport.close()
+            return
+        transport.pause_reading()
+
+        def close(_: object) -> None:
             self._flush()
-        self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+            transport.close()
+
+        asyncio.gather(*running, return_exceptions=True).add_done_callback(close)
 
     # -- output and flow control ------------------------------------------
 

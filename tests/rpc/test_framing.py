@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -574,18 +575,29 @@ def _header_frame(block: bytes, payload: bytes = b"", seqid: int = 3) -> bytes:
     ],
 )
 def test_bad_header_frames(wire: bytes, limits: HeaderLimits, match: str) -> None:
-    with pytest.raises(FrameError, match=match):
-        FrameDecoder(header_limits=limits).feed(wire)
+    """A refused header block fails that frame only: the decoder puts it in ``rejected``
+    (with its seq id, for the answer) and goes on with the next frame."""
+    decoder = FrameDecoder(header_limits=limits)
+    frames = decoder.feed(wire + encode_frame(b"next", seqid=2))
+    assert [f.payload for f in frames] == [b"next"]
+    [refused] = decoder.rejected
+    assert re.search(match, refused.message)
+    assert refused.seqid == struct.unpack_from("!i", wire, 8)[0]
 
 
 def test_truncated_header_block() -> None:
     # header size says 8 words but the frame is only 14 bytes long
     body = struct.pack("!HHiH", 0x0FFF, 0, 1, 8) + b"\x00\x00\x00\x00"
-    with pytest.raises(FrameError, match="expected a header block of 32 bytes, found only 4"):
-        FrameDecoder().feed(struct.pack("!I", len(body)) + body)
-    # a THeader frame too short for its fixed fields
-    with pytest.raises(FrameError, match="at least 10 bytes"):
-        FrameDecoder().feed(b"\x00\x00\x00\x04\x0f\xff\x00\x00")
+    decoder = FrameDecoder()
+    assert decoder.feed(struct.pack("!I", len(body)) + body) == []
+    [refused] = decoder.rejected
+    assert refused.message.startswith("expected a header block of 32 bytes, found only 4")
+    assert refused.seqid == 1
+    # a THeader frame too short for its fixed fields: refused, with no seq id to answer
+    decoder = FrameDecoder()
+    assert decoder.feed(b"\x00\x00\x00\x04\x0f\xff\x00\x00") == []
+    [refused] = decoder.rejected
+    assert "at least 10 bytes" in refused.message and refused.seqid is None
 
 
 def test_zlib_bomb_through_the_decoder() -> None:
@@ -593,8 +605,10 @@ def test_zlib_bomb_through_the_decoder() -> None:
     chunk = bytes(MiB)
     bomb = b"".join([comp.compress(chunk) for _ in range(100)] + [comp.flush()])
     wire = _header_frame(b"\x00\x01\x01", bomb)
-    with pytest.raises(FrameError, match="decompressed payload of at most 16777216 bytes"):
-        FrameDecoder().feed(wire)
+    decoder = FrameDecoder()
+    assert decoder.feed(wire) == []
+    [refused] = decoder.rejected
+    assert "decompressed payload of at most 16777216 bytes" in refused.message
 
 
 # ------------------------------------------------------------------------ encode_like

@@ -14,7 +14,7 @@ import thriftpy2
 from prometheus_client import CollectorRegistry
 from waiting import wait_until
 
-from meshkit import Client, Internal, Unimplemented
+from meshkit import Client, Internal, InvalidArgument, Unimplemented
 from meshkit.rpc.context import CallContext
 from meshkit.rpc.pipeline import Next
 
@@ -145,3 +145,24 @@ async def test_a_reply_over_the_frame_limit_fails_only_its_call(
     with pytest.raises(Internal, match="exceeds the frame limit of 262144 bytes"):
         await client.echo("big")
     assert await asyncio.gather(*slow) == [300, 300, 300]
+
+
+@pytest.mark.parametrize("bad", ["too-many-headers", "oversized"])
+async def test_one_refused_call_does_not_fail_the_calls_beside_it(
+    start_server: Any, make_client: Any, bad: str
+) -> None:
+    """A meshkit client multiplexes every caller on one connection: a call the server
+    refuses (a header block over the limits, or a frame over the size limit) fails alone.
+    The calls in flight beside it are answered, not cancelled with the connection."""
+    running = await start_server(BigReplyImpl(), max_frame_size=256 * 1024)
+    client = make_client(running.addr)
+    assert await client.echo("warm") == "warm"
+    slow = [asyncio.create_task(client.slow(300)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(InvalidArgument):
+        if bad == "oversized":
+            await client.echo("x" * (300 * 1024))
+        else:
+            await client.call("echo", "x", headers={f"h{i}": "v" for i in range(200)})
+    assert await asyncio.gather(*slow) == [300, 300, 300]
+    assert await client.echo("again") == "again"
