@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from echo_support import ECHO_IDL, ROOT, EchoImpl, echo_thrift  # noqa: F401
 from etcd_server import EtcdServer
+from kafka_broker import KafkaBroker
 from prometheus_client import CollectorRegistry
 
 
@@ -60,6 +61,18 @@ def etcd() -> Iterator[EtcdServer]:
 def etcd_session() -> Iterator[EtcdServer]:
     """A running etcd shared by every test of the session: do not stop or restart it."""
     server = EtcdServer(name="meshkit-session")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[KafkaBroker]:
+    """A real tansu broker per test module (``tests/kafka_broker.py``); tests use fresh
+    topic names and group ids. A broker that cannot start fails the tests."""
+    server = KafkaBroker()
     try:
         server.start()
         yield server

@@ -1,4 +1,5 @@
-"""Fixtures for the MQ tests: one real tansu broker per test module (``tests/kafka_broker.py``).
+"""Fixtures for the MQ tests, beside the module-scoped `broker` of tests/conftest.py (a real
+tansu broker per test module, from ``tests/kafka_broker.py``).
 
 Tests share the module's broker but each uses fresh topic names and group ids, which
 also keeps clear of tansu's stuck-group bug. A broker that cannot start fails the tests.
@@ -6,20 +7,8 @@ also keeps clear of tansu's stuck-group bug. A broker that cannot start fails th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from kafka_broker import CLIENT_SETTINGS, KafkaBroker, fresh
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[KafkaBroker]:
-    server = KafkaBroker()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

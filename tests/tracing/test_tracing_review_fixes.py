@@ -375,16 +375,6 @@ async def test_a_handler_does_not_inherit_the_context_its_service_started_in(
 # -- 6. a message without trace headers starts a trace of its own ---------------------------
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[KafkaBroker]:
-    server = KafkaBroker()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 async def test_a_message_without_trace_headers_is_a_root_consumer_span(
     broker: KafkaBroker, global_sdk: InMemorySpanExporter
 ) -> None:
